@@ -1,0 +1,1 @@
+"""Model zoo: architecture builders exported to ONNX, loaders for real pretrained models."""

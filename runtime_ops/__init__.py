@@ -1,0 +1,1 @@
+"""Custom runtime operators (ONNX functions plus optional kernels)."""
