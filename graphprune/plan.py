@@ -1,0 +1,112 @@
+"""Planning: which units of which groups to remove under the user's budget and constraints."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphprune.analysis.graph import DimGraph
+from graphprune.analysis.groups import DEFAULT_KINDS, Group
+from graphprune.criteria import score_group
+
+
+@dataclass
+class PlanConfig:
+    ratio: float = 0.3
+    criterion: str = "l2"
+    global_rank: bool = False
+    max_group_ratio: float = 0.9  # global ranking never removes more than this share of one group
+    round_to: int = 8
+    exclude: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = DEFAULT_KINDS
+    seed: int = 0
+
+
+@dataclass
+class GroupDecision:
+    group: Group
+    criterion: str = ""
+    removed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    skipped: str = ""  # why this group was not pruned
+
+    @property
+    def kept(self) -> np.ndarray:
+        return np.setdiff1d(np.arange(self.group.size), self.removed)
+
+
+@dataclass
+class PrunePlan:
+    decisions: list[GroupDecision]
+
+    @property
+    def removed(self) -> dict[int, np.ndarray]:
+        return {d.group.root: d.removed for d in self.decisions if len(d.removed)}
+
+    @property
+    def units_removed(self) -> int:
+        return sum(len(d.removed) for d in self.decisions)
+
+
+def round_kept(kept: int, size: int, multiple: int) -> int:
+    """Round a kept count to a multiple the runtime's kernels like; always keep at least one unit."""
+    if multiple > 1 and size > multiple:
+        kept = max(multiple, round(kept / multiple) * multiple)
+    return int(min(size, max(1, kept)))
+
+
+def excluded(group: Group, patterns: tuple[str, ...]) -> str:
+    for node in group.nodes:
+        for pattern in patterns:
+            if fnmatch.fnmatchcase(node.name or "", pattern):
+                return f"excluded by pattern '{pattern}' (node '{node.name}')"
+    return ""
+
+
+def make_plan(g: DimGraph, groups: list[Group], config: PlanConfig) -> PrunePlan:
+    rng = np.random.default_rng(config.seed)
+    decisions = [GroupDecision(group) for group in groups]
+    candidates: list[tuple[GroupDecision, np.ndarray]] = []
+    for d in decisions:
+        group = d.group
+        if not group.prunable:
+            d.skipped = group.why_not
+        elif group.kind not in config.kinds:
+            d.skipped = f"unit kind '{group.kind}' is not pruned by this pass"
+        else:
+            d.skipped = excluded(group, config.exclude)
+        if d.skipped:
+            continue
+        scores, d.criterion = score_group(g, group, config.criterion, rng)
+        candidates.append((d, scores))
+    if config.global_rank:
+        counts = _global_counts(candidates, config)
+    else:
+        counts = [round(config.ratio * d.group.size) for d, _ in candidates]
+    for (d, scores), remove in zip(candidates, counts):
+        kept = round_kept(d.group.size - remove, d.group.size, config.round_to)
+        d.removed = np.sort(np.argsort(scores, kind="stable")[: d.group.size - kept]).astype(np.int64)
+        if not len(d.removed):
+            d.skipped = "nothing to remove at this ratio"
+    return PrunePlan(decisions)
+
+
+def _global_counts(candidates: list[tuple[GroupDecision, np.ndarray]], config: PlanConfig) -> list[int]:
+    """Rank all units together on scores standardised per group; cap each group's share."""
+    entries = []
+    for index, (d, scores) in enumerate(candidates):
+        mean = scores.mean()
+        normalised = scores / mean if mean > 0 else scores
+        entries.extend((value, index) for value in normalised)
+    entries.sort(key=lambda e: e[0])
+    budget = round(config.ratio * sum(d.group.size for d, _ in candidates))
+    counts = [0] * len(candidates)
+    caps = [min(d.group.size - 1, int(config.max_group_ratio * d.group.size)) for d, _ in candidates]
+    for _, index in entries:
+        if budget == 0:
+            break
+        if counts[index] < caps[index]:
+            counts[index] += 1
+            budget -= 1
+    return counts

@@ -1,0 +1,92 @@
+"""Apply a plan: slice every weight use, update attributes and shape constants, then clean up."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common
+
+from graphprune.analysis.graph import DimGraph
+
+log = logging.getLogger(__name__)
+
+
+def apply_removal(g: DimGraph, removed: dict[int, np.ndarray]) -> None:
+    if not removed:
+        return
+    _slice_params(g, removed)
+    for _, hook in g.hooks:
+        hook(g, removed)
+    cleanup(g.model)
+
+
+def _kept_axes(g: DimGraph, node: ir.Node, index: int, removed: dict[int, np.ndarray]) -> tuple:
+    use = g.params.get((node, index))
+    if use is None:
+        return ()
+    kept = [g.space.kept_positions(e, removed) for e in use.axes]
+    return tuple(None if k is None else tuple(int(i) for i in k) for k in kept)
+
+
+def _slice_params(g: DimGraph, removed: dict[int, np.ndarray]) -> None:
+    """Slice each initializer once when all its readers agree, else give each reader its own copy.
+
+    Exporters de-duplicate equal tensors, so one initializer may feed unrelated nodes.
+    """
+    for value in {use.value for use in g.params.values()}:
+        readers = [(u.node, u.idx) for u in value.uses()]
+        plans = {reader: _kept_axes(g, *reader, removed) for reader in readers}
+        distinct = set(plans.values())
+        if distinct <= {()} or all(k is None for plan in distinct for k in plan):
+            continue
+        array = value.const_value.numpy()
+        if len(distinct) == 1:
+            _set_value(value, _take(array, next(iter(distinct))))
+            continue
+        copies: dict[tuple, ir.Value] = {}
+        for (node, index), plan in plans.items():
+            if not plan or all(k is None for k in plan):
+                continue
+            if plan not in copies:
+                copies[plan] = _new_initializer(g.model.graph, value, _take(array, plan), len(copies))
+            node.replace_input_with(index, copies[plan])
+
+
+def _take(array: np.ndarray, plan: tuple) -> np.ndarray:
+    for axis, kept in enumerate(plan):
+        if kept is not None:
+            array = np.take(array, np.asarray(kept, dtype=np.int64), axis=axis)
+    return np.ascontiguousarray(array)
+
+
+def _set_value(value: ir.Value, array: np.ndarray) -> None:
+    value.const_value = ir.tensor(array, name=value.name)
+    value.shape = ir.Shape(array.shape)
+
+
+def _new_initializer(graph: ir.Graph, like: ir.Value, array: np.ndarray, number: int) -> ir.Value:
+    value = ir.Value(name=f"{like.name}__pruned{number}", shape=ir.Shape(array.shape), type=like.type,
+                     const_value=ir.tensor(array, name=f"{like.name}__pruned{number}"))
+    graph.register_initializer(value)
+    return value
+
+
+def cleanup(model: ir.Model) -> None:
+    """Drop stale shapes and dead nodes, fold what became constant, re-infer shapes."""
+    graph = model.graph
+    outputs = set(graph.outputs)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for value in node.outputs:
+            if value not in outputs:
+                value.shape = None
+    common.RemoveUnusedNodesPass()(model)
+    try:
+        import onnxscript.optimizer
+
+        onnxscript.optimizer.optimize_ir(model, num_iterations=1)
+    except Exception as err:  # noqa: BLE001 -- the optimizer is a nicety: a model it cannot fold is still valid
+        log.warning("onnxscript optimizer skipped: %s", err)
+    common.RemoveUnusedNodesPass()(model)
+    common.ShapeInferencePass(data_prop=True)(model)

