@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common
 
 from graphprune.errors import GraphpruneError
+
+log = logging.getLogger(__name__)
 
 # Protobuf cannot hold more than 2 GB: larger models keep their weights in a side file.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -54,7 +58,121 @@ def prepare(model: ir.Model) -> None:
     for node in model.graph:
         if not node.name:
             node.name = f"{node.op_type}_{id(node):x}"
-    common.ShapeInferencePass(data_prop=True)(model)
+    # Folding needs shapes and shapes need folding: alternate until nothing more is learnt.
+    state = None
+    for _ in range(MAX_FOLD_ROUNDS):
+        infer_shapes(model)
+        fill_static_extents(model)
+        if _knowledge(model) == state:
+            break
+        fold_constants(model)
+        state = _knowledge(model)
+
+
+MAX_FOLD_ROUNDS = 16
+
+
+def _knowledge(model: ir.Model) -> tuple[int, int]:
+    """Nodes left and extents still unknown: both shrink while folding and inference make progress."""
+    unknown = sum(1 for node in model.graph for v in node.outputs
+                  for d in (v.shape if v.shape is not None else [None]) if not isinstance(d, int))
+    return len(model.graph), unknown
+
+
+def infer_shapes(model: ir.Model) -> None:
+    common.ShapeInferencePass(data_prop=True, strict_mode=False)(model)
+
+
+# Two unrelated extents for run-time dims: an extent that comes out the same under both does not
+# depend on them, even where symbolic inference lost track of it (Shape -> arithmetic -> Reshape).
+PROBE_EXTENTS = (3, 5)
+
+
+def fill_static_extents(model: ir.Model) -> bool:
+    """Replace unknown extents by the static ones that concrete inference finds; True if any."""
+    probes = [_concrete_shapes(model, extent) for extent in PROBE_EXTENTS]
+    changed = False
+    for node in model.graph:
+        for value in node.outputs:
+            if value.shape is None or all(isinstance(d, int) for d in value.shape):
+                continue
+            found = [p.get(value.name) for p in probes]
+            if any(f is None or len(f) != len(value.shape) for f in found):
+                continue
+            dims = list(value.shape)
+            for k, d in enumerate(dims):
+                a, b = found[0][k], found[1][k]
+                if not isinstance(d, int) and a is not None and a == b:
+                    dims[k], changed = a, True
+            value.shape = ir.Shape(dims)
+    return changed
+
+
+def _concrete_shapes(model: ir.Model, extent: int) -> dict[str, list[int | None]]:
+    proto = ir.to_proto(model)
+    graph = proto.graph
+    # Inference needs the values of small (shape) constants only; big weights become typed inputs.
+    for tensor in [t for t in graph.initializer if np.prod(t.dims, dtype=np.int64) > 4096]:
+        graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        graph.initializer.remove(tensor)
+    for value in graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.dim_value = extent
+    del graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 -- no extra knowledge, not an error
+        return {}
+    shapes = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        if info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None
+                                 for d in info.type.tensor_type.shape.dim]
+    return shapes
+
+
+def fold_constants(model: ir.Model) -> None:
+    """Fold shape arithmetic that static extents make constant (Shape -> Gather -> Div -> Slice ...),
+    so the rules see constants where exporters wrote run-time computations."""
+    fold_static_shape_reads(model)
+    try:
+        import onnxscript.optimizer
+
+        onnxscript.optimizer.optimize_ir(model, num_iterations=2)
+    except Exception as err:  # noqa: BLE001 -- folding is an improvement, not a requirement
+        log.warning("constant folding skipped: %s", err)
+    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+
+
+def fold_static_shape_reads(model: ir.Model) -> None:
+    """Gather(Shape(x), i) becomes a constant when axis i of x is static, even if other axes are not.
+
+    Exporters read extents at run time (x.size(1) // 2 for a channel split); with a dynamic batch
+    the whole Shape() is not constant, so general folding leaves these alone.
+    """
+    for node in list(model.graph):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+            continue
+        source, indices = node.inputs
+        shape_node = source.producer() if source is not None else None
+        if shape_node is None or shape_node.op_type != "Shape" or indices is None or indices.const_value is None:
+            continue
+        dims = shape_node.inputs[0].shape
+        if dims is None:
+            continue
+        start = shape_node.attributes.get("start")
+        end = shape_node.attributes.get("end")
+        read = list(dims)[start.value if start else 0: end.value if end else None]
+        picked = [read[int(i)] for i in np.atleast_1d(indices.const_value.numpy()).reshape(-1)]
+        if not all(isinstance(d, int) for d in picked):
+            continue
+        array = np.asarray(picked, dtype=np.int64).reshape(indices.const_value.shape.numpy())
+        const = ir.Value(name=f"{node.outputs[0].name}__static", shape=ir.Shape(array.shape),
+                         type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(array))
+        model.graph.register_initializer(const)
+        ir.convenience.replace_all_uses_with(node.outputs[0], const)
+    common.RemoveUnusedNodesPass()(model)
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> None:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
 from graphprune.analysis.graph import DimGraph
-
-log = logging.getLogger(__name__)
+from graphprune.io import fold_constants, infer_shapes
 
 
 def apply_removal(g: DimGraph, removed: dict[int, np.ndarray]) -> None:
@@ -82,11 +79,6 @@ def cleanup(model: ir.Model) -> None:
             if value not in outputs:
                 value.shape = None
     common.RemoveUnusedNodesPass()(model)
-    try:
-        import onnxscript.optimizer
-
-        onnxscript.optimizer.optimize_ir(model, num_iterations=1)
-    except Exception as err:  # noqa: BLE001 -- the optimizer is a nicety: a model it cannot fold is still valid
-        log.warning("onnxscript optimizer skipped: %s", err)
+    fold_constants(model)
     common.RemoveUnusedNodesPass()(model)
-    common.ShapeInferencePass(data_prop=True)(model)
+    infer_shapes(model)

@@ -40,6 +40,10 @@ class Prod:
 Expr = Atom | Cat | Prod
 
 
+# When two index spaces merge, the more constrained kind wins.
+KIND_PRIORITY = {"fixed": 0, "conv-group": 1, "channel": 2}
+
+
 @dataclass
 class Var:
     id: int
@@ -164,6 +168,8 @@ class DimSpace:
         if x == y:
             return
         self.parent[y] = x
+        kinds = (self.vars[x].kind, self.vars[y].kind)
+        self.vars[x].kind = min(kinds, key=lambda k: KIND_PRIORITY.get(k, 0), default=kinds[0])
         if y in self.blocked:
             merged = self.blocked.get(x, []) + [r for r in self.blocked.pop(y) if r not in self.blocked.get(x, [])]
             self.blocked[x] = merged[:8]

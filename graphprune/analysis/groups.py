@@ -75,5 +75,5 @@ def find_groups(g: DimGraph) -> list[Group]:
                 if root in by_root:
                     by_root[root].values.append((value, axis))
     # Index spaces that no weight reads or produces (kernel taps, biases alone) are not channels.
-    return [group for group in by_root.values()
-            if any(use.roles[axis] in ("in", "out") for use, axis in group.params)]
+    return [group for group in by_root.values() if group.size > 1
+            and any(use.roles[axis] in ("in", "out") for use, axis in group.params)]

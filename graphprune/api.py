@@ -1,0 +1,120 @@
+"""The Python API: the same pipeline the CLI drives."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from graphprune.analysis import build_dim_graph
+from graphprune.analysis.groups import find_groups
+from graphprune.errors import GraphpruneError
+from graphprune.io import load_model, prepare, save_model
+from graphprune.metrics import ModelStats, model_stats
+from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass
+from graphprune.plan import PrunePlan
+from graphprune.report import AnalysisReport, GroupSummary, declined_nodes, summarise_groups
+from graphprune.verify import VerifyReport, verify
+
+ModelInput = str | os.PathLike | onnx.ModelProto | ir.Model
+
+
+def _load(model: ModelInput) -> tuple[ir.Model, str]:
+    if isinstance(model, ir.Model):
+        copy = ir.from_proto(ir.to_proto(model))
+        prepare(copy)
+        return copy, model.graph.name or "<model>"
+    if isinstance(model, onnx.ModelProto):
+        loaded = ir.from_proto(model)
+        prepare(loaded)
+        return loaded, model.graph.name or "<model>"
+    return load_model(model), os.fspath(model)
+
+
+def analyze(model: ModelInput) -> AnalysisReport:
+    """Groups of coupled channels, each prunable or blocked with the reason."""
+    loaded, label = _load(model)
+    g = build_dim_graph(loaded)
+    return AnalysisReport(label, summarise_groups(g, find_groups(g)), declined_nodes(g))
+
+
+@dataclass
+class OptimizeResult:
+    model: ir.Model
+    plan: PrunePlan
+    groups: list[GroupSummary]
+    before: ModelStats
+    after: ModelStats
+    verification: VerifyReport | None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "fidelity": self.verification.to_dict() if self.verification else None,
+            "units_removed": self.plan.units_removed,
+            "groups": [g.to_dict() for g in self.groups],
+        }
+
+
+def _check_output(model: ModelInput, output: str | os.PathLike | None) -> None:
+    if output is None:
+        return
+    out = Path(output)
+    if isinstance(model, (str, os.PathLike)) and Path(model).resolve() == out.resolve():
+        raise GraphpruneError(f"{out}: the output path equals the input; choose another file name.")
+    if not out.parent.exists():
+        raise GraphpruneError(f"{out}: the output folder '{out.parent}' does not exist; create it first.")
+
+
+def optimize(
+    model: ModelInput,
+    output: str | os.PathLike | None = None,
+    *,
+    ratio: float = 0.3,
+    criterion: str = "l2",
+    global_rank: bool = False,
+    round_to: int = 8,
+    exclude: tuple[str, ...] = (),
+    max_group_ratio: float = 0.9,
+    seed: int = 0,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    samples: int = 4,
+    check: bool = True,
+) -> OptimizeResult:
+    """Prune channels, verify against the original, and (if ``output`` is given) save atomically."""
+    if not 0.0 <= ratio < 1.0:
+        raise GraphpruneError(f"--ratio must be in [0, 1): got {ratio}.")
+    if round_to < 1:
+        raise GraphpruneError(f"--round-to must be 1 or more: got {round_to}.")
+    _check_output(model, output)
+    loaded, label = _load(model)
+    original = ir.to_proto(loaded)
+    config = PruneChannelsConfig(ratio=ratio, criterion=criterion, global_rank=global_rank, round_to=round_to,
+                                 exclude=tuple(exclude), max_group_ratio=max_group_ratio, seed=seed)
+    pruning = PruneChannelsPass(config)
+    g = build_dim_graph(loaded)
+    groups = find_groups(g)
+    if not any(group.prunable for group in groups):
+        reasons = sorted({group.why_not for group in groups})[:3]
+        raise GraphpruneError(f"{label}: nothing is prunable ({'; '.join(reasons) or 'no weight groups'}); "
+                              "run `graphprune analyze` to see every group and why.")
+    pruning(loaded)
+    plan = pruning.plan
+    summaries = summarise_groups(g, groups, plan)
+    pruned = ir.to_proto(loaded)
+    report = verify(original, pruned, overrides=input_shapes, samples=samples) if check else None
+    before, after = model_stats(original, input_shapes), model_stats(pruned, input_shapes)
+    if output is not None:
+        save_model(loaded, output)
+        after = model_stats(pruned, input_shapes)
+        after.file_bytes = os.path.getsize(output)
+    settings = {"model": label, "ratio": ratio, "criterion": criterion, "global": global_rank,
+                "round_to": round_to, "exclude": list(exclude), "seed": seed}
+    return OptimizeResult(loaded, plan, summaries, before, after, report, settings)

@@ -1,0 +1,109 @@
+"""What analyze and optimize tell the user: groups, shares of weights and MACs, decisions."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune.analysis.graph import DimGraph
+from graphprune.analysis.groups import Group
+from graphprune.plan import PrunePlan
+
+
+def node_macs(node: ir.Node, weight: ir.Value) -> float:
+    """Multiply-accumulates of a linear node per batch item, from its weight and output shapes."""
+    numel = float(np.prod(weight.const_value.shape, dtype=np.float64))
+    out = node.outputs[0].shape
+    if out is None:
+        return 0.0
+    dims = [d if isinstance(d, int) else 1 for d in out]
+    if node.op_type == "Conv":
+        return numel * float(np.prod(dims[2:]))
+    if node.op_type == "ConvTranspose":
+        x = node.inputs[0].shape
+        return numel * float(np.prod([d if isinstance(d, int) else 1 for d in x][2:])) if x else 0.0
+    if node.op_type in ("Gemm", "MatMul"):
+        return numel * float(np.prod(dims[1:-1] if len(dims) > 2 else [1]))
+    return 0.0
+
+
+@dataclass
+class GroupSummary:
+    id: int
+    size: int
+    kind: str
+    prunable: bool
+    reason: str
+    members: list[str]
+    params_share: float
+    macs_share: float
+    criterion: str = ""
+    kept: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarise_groups(g: DimGraph, groups: list[Group], plan: PrunePlan | None = None) -> list[GroupSummary]:
+    total_params = sum(float(np.prod(v.const_value.shape, dtype=np.float64))
+                       for v in g.graph.initializers.values() if v.const_value is not None
+                       and v.const_value.dtype.is_floating_point())
+    weights = {(use.node, use.index): node_macs(use.node, use.value) for use in g.params.values()
+               if use.index == 1 and use.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    total_macs = sum(weights.values()) or 1.0
+    decisions = {d.group.root: d for d in plan.decisions} if plan else {}
+    out = []
+    for group in groups:
+        macs = 0.0
+        for use, axis in group.params:
+            node_total = weights.get((use.node, use.index))
+            if node_total and use.roles[axis] in ("in", "out"):
+                share = (g.space.unit_map(use.axes[axis], group.root) >= 0).mean()
+                macs = max(macs, 0.0) + node_total * share
+        decision = decisions.get(group.root)
+        summary = GroupSummary(
+            id=group.id, size=group.size, kind=group.kind, prunable=group.prunable, reason=group.why_not,
+            members=[f"{use.value.name}[{axis}] ({use.node.op_type} '{use.node.name}')"
+                     for use, axis in group.params],
+            params_share=group.weights_per_unit(g) * group.size / max(total_params, 1.0),
+            macs_share=min(1.0, macs / total_macs),
+        )
+        if decision is not None:
+            summary.criterion = decision.criterion
+            summary.removed = decision.removed.tolist()
+            summary.kept = decision.kept.tolist()
+            if decision.skipped and summary.prunable:
+                summary.reason = decision.skipped
+        out.append(summary)
+    return out
+
+
+@dataclass
+class AnalysisReport:
+    model: str
+    groups: list[GroupSummary]
+    declined: list[dict]
+
+    @property
+    def prunable(self) -> list[GroupSummary]:
+        return [s for s in self.groups if s.prunable]
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "groups": [s.to_dict() for s in self.groups],
+            "declined_nodes": self.declined,
+            "totals": {
+                "groups": len(self.groups),
+                "prunable_groups": len(self.prunable),
+                "prunable_units": sum(s.size for s in self.prunable),
+                "prunable_params_share": min(1.0, sum(s.params_share for s in self.prunable)),
+            },
+        }
+
+
+def declined_nodes(g: DimGraph) -> list[dict]:
+    return [{"node": node.name, "op": node.op_type, "reason": reason} for node, reason in g.declined]
