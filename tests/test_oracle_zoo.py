@@ -1,6 +1,5 @@
 """The oracle over every CNN zoo model and both exporters, and pruning depth at ratio 0.5."""
 
-import numpy as np
 import onnx
 import pytest
 from oracle import check_model, prune
@@ -32,6 +31,6 @@ def test_oracle_holds(name, exporter, zoo_cache):
 @pytest.mark.parametrize(("name", "exporter"), CASES)
 def test_half_ratio_removes_most_prunable_weights(name, exporter, zoo_cache):
     proto, _ = load(name, exporter, zoo_cache)
-    pruned, plan = prune(proto, PlanConfig(ratio=0.5))
+    pruned, _plan = prune(proto, PlanConfig(ratio=0.5))
     before, after = count_params(proto), count_params(pruned)
     assert after < 0.75 * before, f"{name}: {before} -> {after} params"
