@@ -1,0 +1,3 @@
+from graphprune.api import analyze, optimize
+
+__all__ = ["analyze", "optimize"]

@@ -23,21 +23,20 @@ from graphprune.verify import VerifyReport, verify
 ModelInput = str | os.PathLike | onnx.ModelProto | ir.Model
 
 
-def _load(model: ModelInput) -> tuple[ir.Model, str]:
+def _load(model: ModelInput) -> tuple[ir.Model, str, ModelInput]:
+    """The model prepared for analysis, a label, and the untouched original to verify against."""
     if isinstance(model, ir.Model):
-        copy = ir.from_proto(ir.to_proto(model))
-        prepare(copy)
-        return copy, model.graph.name or "<model>"
+        model = ir.to_proto(model)
     if isinstance(model, onnx.ModelProto):
         loaded = ir.from_proto(model)
         prepare(loaded)
-        return loaded, model.graph.name or "<model>"
-    return load_model(model), os.fspath(model)
+        return loaded, model.graph.name or "<model>", model
+    return load_model(model), os.fspath(model), model
 
 
 def analyze(model: ModelInput) -> AnalysisReport:
     """Groups of coupled channels, each prunable or blocked with the reason."""
-    loaded, label = _load(model)
+    loaded, label, _ = _load(model)
     g = build_dim_graph(loaded)
     return AnalysisReport(label, summarise_groups(g, find_groups(g)), declined_nodes(g))
 
@@ -94,8 +93,7 @@ def optimize(
     if round_to < 1:
         raise GraphpruneError(f"--round-to must be 1 or more: got {round_to}.")
     _check_output(model, output)
-    loaded, label = _load(model)
-    original = ir.to_proto(loaded)
+    loaded, label, original = _load(model)
     config = PruneChannelsConfig(ratio=ratio, criterion=criterion, global_rank=global_rank, round_to=round_to,
                                  exclude=tuple(exclude), max_group_ratio=max_group_ratio, seed=seed)
     pruning = PruneChannelsPass(config)

@@ -46,7 +46,7 @@ def _spec(vi: onnx.ValueInfoProto) -> InputSpec:
 
 
 def _dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
-    if dim.HasField("dim_value"):
+    if dim.HasField("dim_value") and dim.dim_value > 0:  # paddle2onnx writes -1 for dynamic
         return dim.dim_value
     if dim.HasField("dim_param") and dim.dim_param:
         return dim.dim_param
@@ -79,7 +79,21 @@ def resolve_shape(
         raise GraphpruneError(
             f"input '{spec.name}' has no declared shape: give one, for example {spec.name}:1x3x224x224."
         )
-    return tuple(d if isinstance(d, int) else default_dim(d, batch, dim_defaults) for d in spec.shape)
+    dims = [d if isinstance(d, int) else default_dim(d, batch, dim_defaults) for d in spec.shape]
+    if _looks_like_image(spec):
+        # An image with run-time height and width: 1x1 breaks strided convs, 224 is the common size.
+        for axis in (2, 3):
+            if not isinstance(spec.shape[axis], int) and (dim_defaults is None or spec.shape[axis] not in dim_defaults):
+                dims[axis] = IMAGE_DEFAULT
+    return tuple(dims)
+
+
+IMAGE_DEFAULT = 224
+
+
+def _looks_like_image(spec: InputSpec) -> bool:
+    return (spec.shape is not None and len(spec.shape) == 4 and spec.shape[1] in (1, 3, 4)
+            and spec.dtype.kind == "f")
 
 
 def _check_override(spec: InputSpec, shape: tuple[int, ...]) -> None:

@@ -20,9 +20,10 @@ def load(proto: onnx.ModelProto) -> ir.Model:
     return model
 
 
-def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool = False) -> list[np.ndarray]:
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -71,13 +72,30 @@ def edit_slices(proto: onnx.ModelProto, choose: dict[int, np.ndarray], roles: tu
     return ir.to_proto(model)
 
 
-def assert_close(expected: list[np.ndarray], actual: list[np.ndarray], rtol: float = 1e-5) -> None:
+def relative_error(e: np.ndarray, a: np.ndarray) -> float:
+    """Max abs difference relative to the output's scale."""
+    if not e.size:
+        return 0.0
+    return float(np.abs(e - a).max()) / max(float(np.abs(e).max()), 1e-6)
+
+
+def noise_floor(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    """How much the model's outputs move under mere reordering of float sums (ORT fusions on/off).
+
+    Deep models with attention amplify rounding; a difference below a few times this is rounding.
+    """
+    plain, fused = run(proto, feeds), run(proto, feeds, optimize=True)
+    return max(relative_error(e, a) for e, a in zip(plain, fused))
+
+
+def assert_close(expected: list[np.ndarray], actual: list[np.ndarray], rtol: float = 1e-5,
+                 floor: float = 0.0) -> None:
     assert len(expected) == len(actual)
+    tolerance = max(rtol, 4 * floor)
     for e, a in zip(expected, actual):
         assert e.shape == a.shape, (e.shape, a.shape)
-        scale = float(np.abs(e).max()) if e.size else 0.0
-        err = float(np.abs(e - a).max()) if e.size else 0.0
-        assert err <= rtol * scale + 1e-6, f"max abs error {err} vs output scale {scale}"
+        err = relative_error(e, a)
+        assert err <= tolerance, f"relative error {err:.3g} above {tolerance:.3g}"
 
 
 def planted_units(plan_groups, ratio: float, rng: np.random.Generator) -> dict[int, np.ndarray]:
@@ -99,18 +117,23 @@ def prunable_groups(proto: onnx.ModelProto, config: PlanConfig):
     return [d.group for d in plan.decisions if not d.skipped or d.skipped == "nothing to remove at this ratio"]
 
 
+def assert_equivalent(expected: onnx.ModelProto, actual: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                      rtol: float = 1e-5) -> None:
+    """Outputs agree within rtol, or within a few times the rounding noise of the two models."""
+    floor = max(noise_floor(expected, feeds), noise_floor(actual, feeds))
+    assert_close(run(expected, feeds), run(actual, feeds), rtol=rtol, floor=floor)
+
+
 def check_model(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], ratio: float, seed: int = 0) -> dict:
     """All three oracle properties on one model; returns a few numbers for reports."""
-    reference = run(proto, feeds)
     # Ratio 0 changes nothing.
     same, plan0 = prune(proto, PlanConfig(ratio=0.0, round_to=1))
     assert plan0.units_removed == 0
-    assert_close(reference, run(same, feeds))
+    assert_equivalent(proto, same, feeds)
     # Pruning equals masking the removed units' consumers.
     config = PlanConfig(ratio=ratio, criterion="random", round_to=1, seed=seed)
     pruned, plan = prune(proto, config)
-    masked = edit_slices(proto, plan.removed, roles=("in",))
-    assert_close(run(masked, feeds), run(pruned, feeds))
+    assert_equivalent(edit_slices(proto, plan.removed, roles=("in",)), pruned, feeds)
     # Planted dead units are exactly what L2 removes, and removing them changes nothing.
     groups = prunable_groups(proto, PlanConfig(ratio=ratio, round_to=1))
     chosen = planted_units(groups, ratio, np.random.default_rng(seed))
@@ -120,5 +143,5 @@ def check_model(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], ratio: flo
     assert set(found) == set(chosen), "L2 did not prune exactly the planted groups"
     for root, units in chosen.items():
         assert np.array_equal(found[root], units), f"group {root}: planted {units}, removed {found[root]}"
-    assert_close(run(planted, feeds), run(pruned_planted, feeds))
+    assert_equivalent(planted, pruned_planted, feeds)
     return {"groups": len(groups), "removed": plan.units_removed}

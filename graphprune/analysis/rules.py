@@ -132,8 +132,14 @@ def broadcast(node: ir.Node, g: DimGraph) -> None:
         offset = len(out_dims) - len(dims)
         for k, (d, e) in enumerate(zip(dims, axes)):
             target = out_dims[offset + k]
-            if d == target and d != 1:
+            if isinstance(d, int) and d == target and d != 1:
                 g.tie(e, out[offset + k])
+            elif not isinstance(d, int) and not isinstance(target, int):
+                g.tie(e, out[offset + k])  # two run-time extents: never pruned, may as well be one
+            elif not isinstance(d, int) or not isinstance(target, int):
+                # Known on one side only: it may broadcast at run time, so neither side is pruned.
+                g.block(e, f"extent {d} meets {target} at {node.op_type} '{node.name}'")
+                g.block(out[offset + k], f"extent {d} meets {target} at {node.op_type} '{node.name}'")
             elif d != 1:
                 raise Decline(f"input '{value.name}' axis {k} ({d}) does not broadcast to {target}")
 

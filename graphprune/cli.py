@@ -1,0 +1,311 @@
+"""The `graphprune` command: analyze a model's prunable structure, or optimize (prune + verify) it."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+import onnx
+import onnx_ir as ir
+from rich.console import Console
+from rich.table import Table
+
+from graphprune import api
+from graphprune.criteria import CRITERIA
+from graphprune.errors import GraphpruneError
+from graphprune.inputs import make_inputs, parse_shape_overrides, resolve_shapes
+from graphprune.io import save_model
+from graphprune.latency import LatencyResult, compare_latency
+from graphprune.metrics import ModelStats, file_size
+from graphprune.report import AnalysisReport
+from graphprune.runtime import load_structure
+from graphprune.verify import VerifyReport, verify
+
+# The API's defaults, so the CLI never drifts from them.
+DEFAULTS = {name: p.default for name, p in inspect.signature(api.optimize).parameters.items()}
+MEMBERS_SHOWN = 2
+MEMBER_CHARS = 48
+LATENCY_ROUNDS = 20
+
+
+def _stdout() -> Console:
+    return Console()
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+class _Group(click.Group):
+    """Turns every GraphpruneError into one line on stderr and exit code 2, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GraphpruneError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="graphprune", prog_name="graphprune")
+def main() -> None:
+    """Structured pruning for ONNX graphs: find coupled channel groups, remove units, verify."""
+
+
+@contextmanager
+def _step(text: str) -> Iterator[None]:
+    with _stderr().status(text):
+        yield
+
+
+# ---------- validation ----------
+
+
+def check_model_file(path: Path) -> onnx.ModelProto:
+    """The model's structure (no weights); raises a one-sentence error for anything unusable."""
+    if not path.exists():
+        raise GraphpruneError(f"{path}: no such file; give the path of an .onnx model.")
+    if not path.is_file():
+        raise GraphpruneError(f"{path}: is not a file; give the path of an .onnx model.")
+    structure = load_structure(path)
+    # Protobuf parses an empty file as an empty message; every real model declares its IR version.
+    if structure.ir_version == 0 or not structure.graph.node:
+        raise GraphpruneError(f"{path}: is not an ONNX model (no IR version or no graph nodes).")
+    file_size(path)  # raises if a referenced external data file is missing
+    return structure
+
+
+def _check_destination(path: Path, option: str, model: Path, others: tuple[Path, ...] = ()) -> None:
+    if path.resolve() == model.resolve():
+        raise GraphpruneError(f"{option} {path}: equals the input model; choose another file name.")
+    if any(path.resolve() == other.resolve() for other in others):
+        raise GraphpruneError(f"{option} {path}: is also the output model; choose another file name.")
+    if path.is_dir():
+        raise GraphpruneError(f"{option} {path}: is a folder; give a file name.")
+    if not path.parent.is_dir():
+        raise GraphpruneError(f"{option} {path}: the folder '{path.parent}' does not exist; create it first.")
+
+
+def _check_range(option: str, value: float, low: float, high: float, high_open: bool) -> None:
+    inside = low <= value < high if high_open else low <= value <= high
+    if not inside:
+        interval = f"[{low:g}, {high:g}{')' if high_open else ']'}"
+        raise GraphpruneError(f"{option} must be in {interval}: got {value:g}.")
+
+
+def _check_at_least(option: str, value: int, low: int) -> None:
+    if value < low:
+        raise GraphpruneError(f"{option} must be {low} or more: got {value}.")
+
+
+# ---------- rendering ----------
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _pct(share: float) -> str:
+    return f"{100 * share:.1f}%"
+
+
+def _count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:g}"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:g} B"
+
+
+def _change(before: float, after: float) -> str:
+    return f"{100 * (after - before) / before:+.1f}%" if before else "-"
+
+
+def groups_table(report: AnalysisReport) -> Table:
+    rows = []
+    for s in report.groups:
+        status = "[green]prunable[/]" if s.prunable else f"[yellow]blocked[/]: {s.reason}"
+        members = [_shorten(m, MEMBER_CHARS) for m in s.members[:MEMBERS_SHOWN]]
+        if len(s.members) > MEMBERS_SHOWN:
+            members.append(f"(+{len(s.members) - MEMBERS_SHOWN} more)")
+        rows.append((str(s.id), str(s.size), s.kind, _pct(s.params_share), _pct(s.macs_share), status,
+                     "\n".join(members)))
+    table = Table(title=f"Groups of {report.model}",
+                  caption="params / MACs: share of the model's weights / multiply-adds that a group's units touch")
+    # Short columns never shrink below their content; status and members wrap on narrow screens.
+    for k, name in enumerate(("id", "size", "kind", "params", "MACs")):
+        width = max([len(name), *(len(row[k]) for row in rows)])
+        table.add_column(name, justify="left" if name == "kind" else "right", min_width=width, no_wrap=True)
+    table.add_column("status")
+    table.add_column("first members")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def declined_table(report: AnalysisReport) -> Table:
+    table = Table(title="Declined nodes (their channels stay as they are)")
+    for name in ("node", "op", "reason"):
+        table.add_column(name)
+    for row in report.declined:
+        table.add_row(row["node"], row["op"], row["reason"])
+    return table
+
+
+def comparison_table(before: ModelStats, after: ModelStats, latency: dict[str, Any] | None) -> Table:
+    table = Table(title="Dense vs pruned")
+    for name, justify in (("", "left"), ("dense", "right"), ("pruned", "right"), ("change", "right")):
+        table.add_column(name, justify=justify)
+    table.add_row("params", f"{before.params:,}", f"{after.params:,}", _change(before.params, after.params))
+    table.add_row("MACs", _count(before.macs), _count(after.macs), _change(before.macs, after.macs))
+    table.add_row("file size", _bytes(before.file_bytes), _bytes(after.file_bytes),
+                  _change(before.file_bytes, after.file_bytes))
+    if latency is not None:
+        dense, pruned = latency["dense"]["median_ms"], latency["pruned"]["median_ms"]
+        table.add_row(f"latency (ORT CPU, median of {latency['rounds']})", f"{dense:.3f} ms",
+                      f"{pruned:.3f} ms", f"{latency['speedup']:.2f}x faster")
+    return table
+
+
+def fidelity_table(report: VerifyReport) -> Table:
+    table = Table(title=f"Fidelity on {report.samples} random input set(s)")
+    for name, justify in (("output", "left"), ("max abs error", "right"), ("relative L2", "right"),
+                          ("cosine", "right"), ("top-1 agreement", "right")):
+        table.add_column(name, justify=justify)
+    for name, f in report.outputs.items():
+        top1 = "-" if f.top1_agreement is None else _pct(f.top1_agreement)
+        table.add_row(name, f"{f.max_abs_error:.3g}", f"{f.relative_l2:.3g}", f"{f.cosine:.5f}", top1)
+    return table
+
+
+# ---------- actions shared with tools/ ----------
+
+
+def measure_speedup(dense: Path | onnx.ModelProto, pruned: Path | onnx.ModelProto,
+                    shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0,
+                    rounds: int = LATENCY_ROUNDS) -> dict[str, Any]:
+    """Median ONNX Runtime CPU latency of both models, timed interleaved on the same inputs."""
+    inputs = make_inputs(dense, overrides=shapes, seed=seed)
+    results: list[LatencyResult] = compare_latency([dense, pruned], inputs, rounds=rounds)
+    return {
+        "rounds": rounds,
+        "inputs": {name: list(value.shape) for name, value in inputs.items()},
+        "dense": results[0].to_dict(),
+        "pruned": results[1].to_dict(),
+        "speedup": results[0].median_ms / results[1].median_ms,
+    }
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write to a temporary name in the same folder, then rename: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as out:
+            json.dump(data, out, indent=2)
+            out.write("\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------- commands ----------
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
+def analyze(model: Path, as_json: bool) -> None:
+    """List MODEL's groups of coupled channels: prunable, or blocked and why."""
+    with _step(f"Analysing {model}"):
+        check_model_file(model)
+        report = api.analyze(model)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    out = _stdout()
+    out.print(groups_table(report))
+    if report.declined:
+        out.print(declined_table(report))
+    totals = report.to_dict()["totals"]
+    out.print(f"Totals: {totals['groups']} groups, {totals['prunable_groups']} prunable with "
+              f"{totals['prunable_units']} units in all; {len(report.declined)} declined nodes.")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Pruned model to write.")
+@click.option("--ratio", type=float, required=True, help="Share of units to remove, in [0, 1).")
+@click.option("--criterion", type=click.Choice(CRITERIA), default=DEFAULTS["criterion"], show_default=True,
+              help="Importance score; the lowest-scoring units are removed.")
+@click.option("--global", "global_rank", is_flag=True, help="Rank units across groups instead of per group.")
+@click.option("--max-group-ratio", type=float, default=DEFAULTS["max_group_ratio"], show_default=True,
+              help="With --global, the most any one group may lose, in (0, 1].")
+@click.option("--round-to", type=int, default=DEFAULTS["round_to"], show_default=True,
+              help="Round kept counts to a multiple of this (1: no rounding).")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Leave groups touching a node whose name matches this glob (repeatable).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+              help="Concrete input shape, e.g. input:1x3x224x224 (repeatable).")
+@click.option("--samples", type=int, default=DEFAULTS["samples"], show_default=True, help="Random input sets for verification.")
+@click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True, help="Seed for random criteria and inputs.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="Time dense vs pruned with ONNX Runtime on CPU.")
+def optimize(model: Path, output: Path, ratio: float, criterion: str, global_rank: bool, max_group_ratio: float,
+             round_to: int, exclude: tuple[str, ...], input_shapes: tuple[str, ...], samples: int, seed: int,
+             report_path: Path | None, latency: bool) -> None:
+    """Prune MODEL, verify it against the original, write OUTPUT."""
+    _check_range("--ratio", ratio, 0.0, 1.0, high_open=True)
+    if not 0.0 < max_group_ratio <= 1.0:
+        raise GraphpruneError(f"--max-group-ratio must be in (0, 1]: got {max_group_ratio:g}.")
+    _check_at_least("--round-to", round_to, 1)
+    _check_at_least("--samples", samples, 1)
+    shapes = parse_shape_overrides(input_shapes) or None
+    _check_destination(output, "--output", model)
+    if report_path is not None:
+        _check_destination(report_path, "--report", model, (output,))
+    with _step(f"Loading {model}"):
+        structure = check_model_file(model)
+        resolve_shapes(structure, shapes, strict=False)  # unknown input names and wrong ranks fail here
+    with _step("Analysing and pruning"):
+        result = api.optimize(model, ratio=ratio, criterion=criterion, global_rank=global_rank,
+                              round_to=round_to, exclude=exclude, max_group_ratio=max_group_ratio, seed=seed,
+                              input_shapes=shapes, samples=samples, check=False)
+        pruned = ir.to_proto(result.model)
+    with _step("Verifying against the original"):
+        result.verification = verify(model, pruned, overrides=shapes, samples=samples)
+    speed = None
+    if latency:
+        with _step("Measuring latency (dense and pruned, interleaved)"):
+            speed = measure_speedup(model, pruned, shapes, seed)
+    # Written last, once every check has passed, so a failure leaves no output behind.
+    with _step(f"Writing {output}"):
+        save_model(result.model, output)
+        result.before.file_bytes, result.after.file_bytes = file_size(model), file_size(output)
+        if report_path is not None:
+            write_json_atomic(report_path, {**result.to_dict(), "output": str(output), "latency": speed})
+    _print_result(result, speed, output, report_path)
+
+
+def _print_result(result: api.OptimizeResult, speed: dict[str, Any] | None, output: Path,
+                  report_path: Path | None) -> None:
+    out = _stdout()
+    pruned = [g for g in result.groups if g.removed]
+    out.print(comparison_table(result.before, result.after, speed))
+    if result.verification is not None:
+        out.print(fidelity_table(result.verification))
+    out.print(f"Removed {result.plan.units_removed} units from {len(pruned)} of {len(result.groups)} groups; "
+              f"wrote {output}" + (f" and {report_path}." if report_path else "."))
