@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import onnx_ir as ir
 from graphprune.analysis import build_dim_graph
 from graphprune.analysis.groups import find_groups
 from graphprune.errors import GraphpruneError
-from graphprune.io import load_model, prepare, save_model
+from graphprune.io import load_model, prepare, publish, write_model
 from graphprune.metrics import ModelStats, model_stats
 from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass
 from graphprune.plan import PrunePlan
@@ -86,8 +87,12 @@ def optimize(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     samples: int = 4,
     check: bool = True,
+    external_data: bool | None = None,
 ) -> OptimizeResult:
-    """Prune channels, verify against the original, and (if ``output`` is given) save atomically."""
+    """Prune channels, verify against the original, and (if ``output`` is given) save atomically.
+
+    ``external_data``: keep weights in ``<output>.data`` (default: only for models over 1 GB).
+    """
     if not 0.0 <= ratio < 1.0:
         raise GraphpruneError(f"--ratio must be in [0, 1): got {ratio}.")
     if round_to < 1:
@@ -106,13 +111,14 @@ def optimize(
     pruning(loaded)
     plan = pruning.plan
     summaries = summarise_groups(g, groups, plan)
-    pruned = ir.to_proto(loaded)
-    report = verify(original, pruned, overrides=input_shapes, samples=samples) if check else None
-    before, after = model_stats(original, input_shapes), model_stats(pruned, input_shapes)
-    if output is not None:
-        save_model(loaded, output)
-        after = model_stats(pruned, input_shapes)
-        after.file_bytes = os.path.getsize(output)
+    with tempfile.TemporaryDirectory(dir=Path(output).parent if output else None, prefix=".graphprune-") as staging:
+        # Verify the very file we will publish (external data included), then rename it into place.
+        staged = Path(staging) / (Path(output).name if output else "pruned.onnx")
+        write_model(loaded, staged, external_data)
+        report = verify(original, staged, overrides=input_shapes, samples=samples) if check else None
+        before, after = model_stats(original, input_shapes), model_stats(staged, input_shapes)
+        if output is not None:
+            publish(staged, Path(output))
     settings = {"model": label, "ratio": ratio, "criterion": criterion, "global": global_rank,
                 "round_to": round_to, "exclude": list(exclude), "seed": seed}
     return OptimizeResult(loaded, plan, summaries, before, after, report, settings)

@@ -177,37 +177,33 @@ def fold_static_shape_reads(model: ir.Model) -> None:
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> None:
-    """Write atomically: a temporary file in the target folder, then a rename."""
+    """Write atomically: stage in a hidden folder beside the target, then rename into place."""
     path = Path(path)
     if not path.parent.exists():
         raise GraphpruneError(f"{path}: the output folder '{path.parent}' does not exist; create it first.")
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".graphprune-") as staging:
+        staged = Path(staging) / path.name
+        write_model(model, staged, external_data)
+        publish(staged, path)
+
+
+def write_model(model: ir.Model, path: Path, external_data: bool | None = None) -> None:
+    """Save; weights go to ``<name>.data`` beside the model when asked or when the model is large."""
     if external_data is None:
         external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    data_name = f"{path.name}.data"
-    tmp_data = Path(tmp).with_name(Path(tmp).name + ".data")
-    try:
-        if external_data:
-            ir.save(model, tmp, external_data=tmp_data.name)
-            os.replace(tmp_data, path.with_name(data_name))
-            _rename_external_location(tmp, tmp_data.name, data_name)
-        else:
-            ir.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        for leftover in (Path(tmp), tmp_data):
-            if leftover.exists():
-                leftover.unlink()
+    if external_data:
+        ir.save(model, path, external_data=f"{path.name}.data")
+    else:
+        ir.save(model, path)
 
 
-def _rename_external_location(model_path: str, old: str, new: str) -> None:
-    proto = onnx.load(model_path, load_external_data=False)
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value == old:
-                entry.value = new
-    onnx.save(proto, model_path)
+def publish(staged: Path, path: Path) -> None:
+    """Move a staged model (and its data file) into place; the data first, so the model never
+    points at a file that is not there yet."""
+    data = staged.with_name(f"{staged.name}.data")
+    if data.exists():
+        os.replace(data, path.with_name(f"{path.name}.data"))
+    os.replace(staged, path)
 
 
 def weight_bytes(model: ir.Model) -> int:

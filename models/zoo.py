@@ -73,13 +73,14 @@ def default_cache_dir() -> Path:
     return Path(root) / "zoo"
 
 
-def _cache_key(entry: ZooEntry, exporter: str) -> str:
+def _cache_key(entry: ZooEntry, exporter: str, opset: int | None = None) -> str:
     import torch
 
     # Hash the whole builder module: builders delegate to helper classes whose edits must
     # invalidate the cache too.
     src = inspect.getsource(inspect.getmodule(entry.builder) or entry.builder)
-    parts = [entry.name, exporter, torch.__version__, str(_EXPORT_VERSION), str(entry.input_shape), src]
+    parts = [entry.name, exporter, torch.__version__, str(_EXPORT_VERSION), str(entry.input_shape), src,
+             str(opset)]
     if exporter == "dynamo":
         import onnxscript
 
@@ -87,14 +88,18 @@ def _cache_key(entry: ZooEntry, exporter: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def export(name: str, exporter: str = "legacy", cache_dir: str | Path | None = None) -> Path:
+def export(name: str, exporter: str = "legacy", cache_dir: str | Path | None = None,
+           opset: int | None = None) -> Path:
+    """Export a zoo model (cached). ``opset`` picks the legacy exporter's opset (default 17)."""
     if name not in ZOO:
         raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     entry = ZOO[name]
     out_dir = Path(cache_dir) / "zoo" if cache_dir is not None else default_cache_dir()
-    path = out_dir / f"{name}-{exporter}-{_cache_key(entry, exporter)}.onnx"
+    if opset is not None and exporter != "legacy":
+        raise ValueError("only the legacy exporter takes an opset")
+    path = out_dir / f"{name}-{exporter}-{_cache_key(entry, exporter, opset)}.onnx"
     if path.exists():
         return path
 
@@ -102,7 +107,7 @@ def export(name: str, exporter: str = "legacy", cache_dir: str | Path | None = N
     fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".onnx.tmp", dir=out_dir)
     os.close(fd)
     try:
-        _export_to(entry, exporter, Path(tmp))
+        _export_to(entry, exporter, Path(tmp), opset)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; cached files are meant to be shared
         os.replace(tmp, path)
     finally:
@@ -111,7 +116,7 @@ def export(name: str, exporter: str = "legacy", cache_dir: str | Path | None = N
     return path
 
 
-def _export_to(entry: ZooEntry, exporter: str, dest: Path) -> None:
+def _export_to(entry: ZooEntry, exporter: str, dest: Path, opset: int | None = None) -> None:
     import torch
 
     model = entry.builder()
@@ -130,7 +135,7 @@ def _export_to(entry: ZooEntry, exporter: str, dest: Path) -> None:
                 (x,),
                 str(dest),
                 dynamo=False,
-                opset_version=LEGACY_OPSET,
+                opset_version=opset or LEGACY_OPSET,
                 input_names=["input"],
                 output_names=outputs,
                 dynamic_axes=axes,
