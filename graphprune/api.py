@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from graphprune.analysis import build_dim_graph
 from graphprune.analysis.groups import find_groups
 from graphprune.errors import GraphpruneError
 from graphprune.io import load_model, prepare, publish, write_model
+from graphprune.latency import dense_vs_pruned
 from graphprune.metrics import ModelStats, model_stats
 from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass
 from graphprune.plan import PrunePlan
@@ -50,6 +53,7 @@ class OptimizeResult:
     before: ModelStats
     after: ModelStats
     verification: VerifyReport | None
+    latency: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,9 +62,13 @@ class OptimizeResult:
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
             "fidelity": self.verification.to_dict() if self.verification else None,
+            "latency": self.latency,
             "units_removed": self.plan.units_removed,
             "groups": [g.to_dict() for g in self.groups],
         }
+
+
+Progress = Callable[[str], AbstractContextManager[Any]]
 
 
 def _check_output(model: ModelInput, output: str | os.PathLike | None) -> None:
@@ -88,37 +96,48 @@ def optimize(
     samples: int = 4,
     check: bool = True,
     external_data: bool | None = None,
+    latency_rounds: int = 0,
+    progress: Progress | None = None,
 ) -> OptimizeResult:
     """Prune channels, verify against the original, and (if ``output`` is given) save atomically.
 
     ``external_data``: keep weights in ``<output>.data`` (default: only for models over 1 GB).
+    ``latency_rounds``: time dense vs pruned on ONNX Runtime CPU, interleaved (0: skip).
+    ``progress``: called with a step's description, returns a context manager around the step.
     """
     if not 0.0 <= ratio < 1.0:
         raise GraphpruneError(f"--ratio must be in [0, 1): got {ratio}.")
     if round_to < 1:
         raise GraphpruneError(f"--round-to must be 1 or more: got {round_to}.")
     _check_output(model, output)
-    loaded, label, original = _load(model)
+    step = progress or (lambda _: nullcontext())
+    with step("Loading"):
+        loaded, label, original = _load(model)
     config = PruneChannelsConfig(ratio=ratio, criterion=criterion, global_rank=global_rank, round_to=round_to,
                                  exclude=tuple(exclude), max_group_ratio=max_group_ratio, seed=seed)
     pruning = PruneChannelsPass(config)
-    g = build_dim_graph(loaded)
-    groups = find_groups(g)
-    if not any(group.prunable for group in groups):
-        reasons = sorted({group.why_not for group in groups})[:3]
+    with step("Analysing and pruning"):
+        pruning(loaded)
+    if not any(group.prunable for group in pruning.groups):
+        reasons = sorted({group.why_not for group in pruning.groups})[:3]
         raise GraphpruneError(f"{label}: nothing is prunable ({'; '.join(reasons) or 'no weight groups'}); "
                               "run `graphprune analyze` to see every group and why.")
-    pruning(loaded)
-    plan = pruning.plan
-    summaries = summarise_groups(g, groups, plan)
+    speed = None
     with tempfile.TemporaryDirectory(dir=Path(output).parent if output else None, prefix=".graphprune-") as staging:
         # Verify the very file we will publish (external data included), then rename it into place.
         staged = Path(staging) / (Path(output).name if output else "pruned.onnx")
-        write_model(loaded, staged, external_data)
-        report = verify(original, staged, overrides=input_shapes, samples=samples) if check else None
+        with step("Writing the pruned model"):
+            write_model(loaded, staged, external_data)
+        report = None
+        if check:
+            with step("Verifying against the original"):
+                report = verify(original, staged, overrides=input_shapes, samples=samples)
         before, after = model_stats(original, input_shapes), model_stats(staged, input_shapes)
+        if latency_rounds:
+            with step("Measuring latency (dense and pruned, interleaved)"):
+                speed = dense_vs_pruned(original, staged, input_shapes, seed, latency_rounds)
         if output is not None:
             publish(staged, Path(output))
     settings = {"model": label, "ratio": ratio, "criterion": criterion, "global": global_rank,
                 "round_to": round_to, "exclude": list(exclude), "seed": seed}
-    return OptimizeResult(loaded, plan, summaries, before, after, report, settings)
+    return OptimizeResult(loaded, pruning.plan, pruning.summaries, before, after, report, speed, settings)

@@ -12,20 +12,17 @@ from typing import Any
 
 import click
 import onnx
-import onnx_ir as ir
 from rich.console import Console
 from rich.table import Table
 
 from graphprune import api
 from graphprune.criteria import CRITERIA
 from graphprune.errors import GraphpruneError
-from graphprune.inputs import make_inputs, parse_shape_overrides, resolve_shapes
-from graphprune.io import save_model
-from graphprune.latency import LatencyResult, compare_latency
+from graphprune.inputs import parse_shape_overrides, resolve_shapes
 from graphprune.metrics import ModelStats, file_size
 from graphprune.report import AnalysisReport
 from graphprune.runtime import load_structure
-from graphprune.verify import VerifyReport, verify
+from graphprune.verify import VerifyReport
 
 # The API's defaults, so the CLI never drifts from them.
 DEFAULTS = {name: p.default for name, p in inspect.signature(api.optimize).parameters.items()}
@@ -134,6 +131,10 @@ def _change(before: float, after: float) -> str:
     return f"{100 * (after - before) / before:+.1f}%" if before else "-"
 
 
+def _speedup(ratio: float) -> str:
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
 def groups_table(report: AnalysisReport) -> Table:
     rows = []
     for s in report.groups:
@@ -144,7 +145,7 @@ def groups_table(report: AnalysisReport) -> Table:
         rows.append((str(s.id), str(s.size), s.kind, _pct(s.params_share), _pct(s.macs_share), status,
                      "\n".join(members)))
     table = Table(title=f"Groups of {report.model}",
-                  caption="params / MACs: share of the model's weights / multiply-adds that a group's units touch")
+                  caption="params / MACs: share of the weights / multiply-adds that a group's units touch")
     # Short columns never shrink below their content; status and members wrap on narrow screens.
     for k, name in enumerate(("id", "size", "kind", "params", "MACs")):
         width = max([len(name), *(len(row[k]) for row in rows)])
@@ -176,7 +177,7 @@ def comparison_table(before: ModelStats, after: ModelStats, latency: dict[str, A
     if latency is not None:
         dense, pruned = latency["dense"]["median_ms"], latency["pruned"]["median_ms"]
         table.add_row(f"latency (ORT CPU, median of {latency['rounds']})", f"{dense:.3f} ms",
-                      f"{pruned:.3f} ms", f"{latency['speedup']:.2f}x faster")
+                      f"{pruned:.3f} ms", _speedup(latency["speedup"]))
     return table
 
 
@@ -192,21 +193,6 @@ def fidelity_table(report: VerifyReport) -> Table:
 
 
 # ---------- actions shared with tools/ ----------
-
-
-def measure_speedup(dense: Path | onnx.ModelProto, pruned: Path | onnx.ModelProto,
-                    shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0,
-                    rounds: int = LATENCY_ROUNDS) -> dict[str, Any]:
-    """Median ONNX Runtime CPU latency of both models, timed interleaved on the same inputs."""
-    inputs = make_inputs(dense, overrides=shapes, seed=seed)
-    results: list[LatencyResult] = compare_latency([dense, pruned], inputs, rounds=rounds)
-    return {
-        "rounds": rounds,
-        "inputs": {name: list(value.shape) for name, value in inputs.items()},
-        "dense": results[0].to_dict(),
-        "pruned": results[1].to_dict(),
-        "speedup": results[0].median_ms / results[1].median_ms,
-    }
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -228,7 +214,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
 def analyze(model: Path, as_json: bool) -> None:
-    """List MODEL's groups of coupled channels: prunable, or blocked and why."""
+    """List MODEL's channel groups and why any are blocked."""
     with _step(f"Analysing {model}"):
         check_model_file(model)
         report = api.analyze(model)
@@ -259,14 +245,16 @@ def analyze(model: Path, as_json: bool) -> None:
               help="Leave groups touching a node whose name matches this glob (repeatable).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
               help="Concrete input shape, e.g. input:1x3x224x224 (repeatable).")
-@click.option("--samples", type=int, default=DEFAULTS["samples"], show_default=True, help="Random input sets for verification.")
-@click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True, help="Seed for random criteria and inputs.")
+@click.option("--samples", type=int, default=DEFAULTS["samples"], show_default=True,
+              help="Random input sets for verification.")
+@click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True,
+              help="Seed for random criteria and inputs.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time dense vs pruned with ONNX Runtime on CPU.")
-def optimize(model: Path, output: Path, ratio: float, criterion: str, global_rank: bool, max_group_ratio: float,
-             round_to: int, exclude: tuple[str, ...], input_shapes: tuple[str, ...], samples: int, seed: int,
-             report_path: Path | None, latency: bool) -> None:
+def optimize(model: Path, output: Path, ratio: float, criterion: str, global_rank: bool,
+             max_group_ratio: float, round_to: int, exclude: tuple[str, ...], input_shapes: tuple[str, ...],
+             samples: int, seed: int, report_path: Path | None, latency: bool) -> None:
     """Prune MODEL, verify it against the original, write OUTPUT."""
     _check_range("--ratio", ratio, 0.0, 1.0, high_open=True)
     if not 0.0 < max_group_ratio <= 1.0:
@@ -280,23 +268,14 @@ def optimize(model: Path, output: Path, ratio: float, criterion: str, global_ran
     with _step(f"Loading {model}"):
         structure = check_model_file(model)
         resolve_shapes(structure, shapes, strict=False)  # unknown input names and wrong ranks fail here
-    with _step("Analysing and pruning"):
-        result = api.optimize(model, ratio=ratio, criterion=criterion, global_rank=global_rank,
-                              round_to=round_to, exclude=exclude, max_group_ratio=max_group_ratio, seed=seed,
-                              input_shapes=shapes, samples=samples, check=False)
-        pruned = ir.to_proto(result.model)
-    with _step("Verifying against the original"):
-        result.verification = verify(model, pruned, overrides=shapes, samples=samples)
-    speed = None
-    if latency:
-        with _step("Measuring latency (dense and pruned, interleaved)"):
-            speed = measure_speedup(model, pruned, shapes, seed)
-    # Written last, once every check has passed, so a failure leaves no output behind.
-    with _step(f"Writing {output}"):
-        save_model(result.model, output)
-        result.before.file_bytes, result.after.file_bytes = file_size(model), file_size(output)
-        if report_path is not None:
-            write_json_atomic(report_path, {**result.to_dict(), "output": str(output), "latency": speed})
+    result = api.optimize(model, output, ratio=ratio, criterion=criterion, global_rank=global_rank,
+                          round_to=round_to, exclude=exclude, max_group_ratio=max_group_ratio, seed=seed,
+                          input_shapes=shapes, samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0,
+                          progress=_step)
+    speed = result.latency
+    result.before.file_bytes = file_size(model)
+    if report_path is not None:
+        write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
     _print_result(result, speed, output, report_path)
 
 

@@ -108,3 +108,19 @@ def _result(label: str, samples: list[float]) -> LatencyResult:
         rounds=len(samples),
         samples_ms=list(samples),
     )
+
+
+def dense_vs_pruned(dense: ModelLike, pruned: ModelLike, overrides: Mapping[str, tuple[int, ...]] | None = None,
+                    seed: int = 0, rounds: int = 100) -> dict[str, Any]:
+    """Median ONNX Runtime CPU latency of both models, timed interleaved on the same inputs."""
+    from graphprune.inputs import make_inputs
+
+    inputs = make_inputs(dense, overrides=overrides, seed=seed)
+    results = compare_latency([dense, pruned], inputs, rounds=rounds)
+    return {
+        "rounds": rounds,
+        "inputs": {name: list(value.shape) for name, value in inputs.items()},
+        "dense": results[0].to_dict(),
+        "pruned": results[1].to_dict(),
+        "speedup": results[0].median_ms / results[1].median_ms,
+    }

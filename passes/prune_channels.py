@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from graphprune.analysis import build_dim_graph
-from graphprune.analysis.groups import find_groups
+from graphprune.analysis.groups import Group, find_groups
 from graphprune.plan import PlanConfig, PrunePlan, make_plan
+from graphprune.report import GroupSummary, summarise_groups
 from graphprune.rewrite import apply_removal
 
 
@@ -24,9 +25,13 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         super().__init__()
         self.config = config or PruneChannelsConfig()
         self.plan: PrunePlan | None = None
+        self.groups: list[Group] = []
+        self.summaries: list[GroupSummary] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = build_dim_graph(model)
-        self.plan = make_plan(g, find_groups(g), self.config)
+        self.groups = find_groups(g)
+        self.plan = make_plan(g, self.groups, self.config)
+        self.summaries = summarise_groups(g, self.groups, self.plan)  # shares of the unpruned model
         apply_removal(g, self.plan.removed)
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))
