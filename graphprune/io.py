@@ -58,25 +58,25 @@ def prepare(model: ir.Model) -> None:
     for node in model.graph:
         if not node.name:
             node.name = f"{node.op_type}_{id(node):x}"
-    # Folding needs shapes and shapes need folding: alternate until nothing more is learnt.
-    state = None
+    # Folding needs shapes and shapes need folding: alternate until neither changes the model,
+    # so that preparing a prepared model changes nothing.
     for _ in range(MAX_FOLD_ROUNDS):
         infer_shapes(model)
         fill_static_extents(model)
-        if _knowledge(model) == state:
-            break
+        before = _knowledge(model)
         fold_constants(model)
-        state = _knowledge(model)
+        if _knowledge(model) == before:
+            break
+    infer_shapes(model)
+    fill_static_extents(model)
 
 
 MAX_FOLD_ROUNDS = 16
 
 
-def _knowledge(model: ir.Model) -> tuple[int, int]:
-    """Nodes left and extents still unknown: both shrink while folding and inference make progress."""
-    unknown = sum(1 for node in model.graph for v in node.outputs
-                  for d in (v.shape if v.shape is not None else [None]) if not isinstance(d, int))
-    return len(model.graph), unknown
+def _knowledge(model: ir.Model) -> tuple:
+    """A fingerprint of the graph's structure and known extents: unchanged means a fixed point."""
+    return tuple((node.op_type, tuple(str(v.shape) for v in node.outputs)) for node in model.graph)
 
 
 def infer_shapes(model: ir.Model) -> None:
