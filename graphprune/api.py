@@ -119,8 +119,11 @@ def optimize(
     with step("Analysing and pruning"):
         pruning(loaded)
     if not any(group.prunable for group in pruning.groups):
-        reasons = sorted({group.why_not for group in pruning.groups})[:3]
-        raise GraphpruneError(f"{label}: nothing is prunable ({'; '.join(reasons) or 'no weight groups'}); "
+        reasons = sorted({group.why_not for group in pruning.groups})[:3] or ["no weight groups"]
+        if pruning.declined:
+            node, why = pruning.declined[0]
+            reasons.append(f"{len(pruning.declined)} node(s) declined, first {node.op_type} '{node.name}': {why}")
+        raise GraphpruneError(f"{label}: nothing is prunable ({'; '.join(reasons)}); "
                               "run `graphprune analyze` to see every group and why.")
     speed = None
     with tempfile.TemporaryDirectory(dir=Path(output).parent if output else None, prefix=".graphprune-") as staging:

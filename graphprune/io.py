@@ -91,6 +91,9 @@ PROBE_EXTENTS = (1009, 2003)
 
 def fill_static_extents(model: ir.Model) -> bool:
     """Replace unknown extents by the static ones that concrete inference finds; True if any."""
+    if all(v.shape is not None and all(isinstance(d, int) for d in v.shape)
+           for node in model.graph for v in node.outputs):
+        return False  # everything known: spare the two inference runs
     probes = [_concrete_shapes(model, extent) for extent in PROBE_EXTENTS]
     changed = False
     for node in model.graph:

@@ -151,7 +151,13 @@ def verify(
     _check_output_names(ref_session, new_session)
     per_sample = []
     for feeds in _input_sets(original, inputs, samples, overrides):
-        ref = run_session(ref_session, feeds, ref_label)
+        try:
+            ref = run_session(ref_session, feeds, ref_label)
+        except VerificationError as err:
+            # The original itself cannot run: the generated inputs do not suit it, nothing was pruned wrong.
+            shapes = ", ".join(f"{name}:{'x'.join(map(str, a.shape))}" for name, a in feeds.items())
+            raise GraphpruneError(f"{str(err).rstrip('.')}. The generated inputs ({shapes}) may not suit this model: give its "
+                                  "input shapes with --input-shape NAME:DIMS.") from err
         new = run_session(new_session, feeds, new_label)
         _check_shapes(ref, new)
         per_sample.append(fidelity(ref, new))

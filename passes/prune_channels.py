@@ -27,10 +27,12 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         self.plan: PrunePlan | None = None
         self.groups: list[Group] = []
         self.summaries: list[GroupSummary] = []
+        self.declined: list[tuple[ir.Node, str]] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = build_dim_graph(model)
         self.groups = find_groups(g)
+        self.declined = g.declined
         self.plan = make_plan(g, self.groups, self.config)
         self.summaries = summarise_groups(g, self.groups, self.plan)  # shares of the unpruned model
         apply_removal(g, self.plan.removed)

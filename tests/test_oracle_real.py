@@ -16,11 +16,7 @@ MODELS = {
 
 
 def path_of(name):
-    fn, _ = MODELS[name]
-    try:
-        return fn()
-    except Exception as err:  # noqa: BLE001 -- wheels not fetched: skip with the reason
-        pytest.skip(str(err))
+    return path_of_fn(MODELS[name][0])
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -29,6 +25,21 @@ def test_oracle_on_real_model(name):
     feeds = {"x": np.random.default_rng(0).standard_normal(MODELS[name][1]).astype(np.float32)}
     result = check_model(proto, feeds, ratio=0.5)
     assert result["removed"] > 0
+
+
+def test_silero_vad_prunes_its_convolutions_and_declines_the_lstm():
+    proto = onnx.load(path_of_fn(real.silero_vad_path))
+    feeds = {"input": np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32),
+             "state": np.zeros((2, 1, 128), dtype=np.float32), "sr": np.array(16000, dtype=np.int64)}
+    result = check_model(proto, feeds, ratio=0.5)
+    assert result["removed"] > 0
+
+
+def path_of_fn(fn):
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 -- wheels not fetched: skip with the reason
+        pytest.skip(str(err))
 
 
 @pytest.mark.parametrize("name", ["ppocr_det", "ppocr_rec"])
