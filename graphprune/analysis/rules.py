@@ -8,6 +8,7 @@ To support a new op, add a function here with ``@rule("OpType")`` and a test.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,25 +60,17 @@ def input_or_attr(node: ir.Node, g: DimGraph, index: int, name: str) -> list[int
     return None if value is None else [int(v) for v in value]
 
 
+_fresh = itertools.count()
+
+
 def constant_input(g: DimGraph, values: list[int], like: ir.Value | None, name: str) -> ir.Value:
     """A fresh int64 initializer (never edit one in place: it may be shared)."""
     array = np.asarray(values, dtype=np.int64)
     base = like.name if like is not None and like.name else name
-    value = ir.Value(name=g.graph.meta.setdefault("_gp_names", _Names())(base), shape=ir.Shape(array.shape),
+    value = ir.Value(name=f"{base}__gp{next(_fresh)}", shape=ir.Shape(array.shape),
                      type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(array))
     g.graph.register_initializer(value)
     return value
-
-
-class _Names:
-    """Unique names for initializers the rewriter adds."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, base: str) -> str:
-        self.count += 1
-        return f"{base}__gp{self.count}"
 
 
 def set_input(node: ir.Node, index: int, value: ir.Value) -> None:
