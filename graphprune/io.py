@@ -81,6 +81,23 @@ def _knowledge(model: ir.Model) -> tuple:
 
 def infer_shapes(model: ir.Model) -> None:
     common.ShapeInferencePass(data_prop=True, strict_mode=False)(model)
+    _same_shape_fallback(model)
+
+
+# Ops whose first output has the first input's shape and type, for when ONNX inference has no
+# function for them (GroupNormalization in onnx 1.23 gives nothing).
+SHAPE_PRESERVING = {"GroupNormalization", "InstanceNormalization", "LayerNormalization",
+                    "BatchNormalization", "LpNormalization", "MeanVarianceNormalization"}
+
+
+def _same_shape_fallback(model: ir.Model) -> None:
+    for node in model.graph:
+        if node.op_type in SHAPE_PRESERVING and node.domain in ("", "ai.onnx") and node.outputs:
+            out, x = node.outputs[0], node.inputs[0]
+            if out.shape is None and x is not None and x.shape is not None:
+                out.shape = ir.Shape(list(x.shape))
+                if out.type is None:
+                    out.type = x.type
 
 
 # Two unrelated extents for run-time dims: an extent that comes out the same under both does not
@@ -143,9 +160,12 @@ def fold_constants(model: ir.Model) -> None:
     try:
         import onnxscript.optimizer
 
-        onnxscript.optimizer.optimize_ir(model, num_iterations=2)
+        # Constant folding only: pattern rewrites would rename and restructure the user's nodes,
+        # which --exclude patterns and reports refer to.
+        onnxscript.optimizer.fold_constants_ir(model)
     except Exception as err:  # noqa: BLE001 -- folding is an improvement, not a requirement
         log.warning("constant folding skipped: %s", err)
+    common.RemoveUnusedNodesPass()(model)
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
 
 

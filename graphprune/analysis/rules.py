@@ -165,15 +165,23 @@ def group_norm(node: ir.Node, g: DimGraph) -> None:
     channels = g.space.size(x[1])
     if channels is None:
         raise Decline("the channel extent is not known")
-    # Channels are [groups, per-group]: removing the same index in every group keeps divisibility.
-    per_group = g.space.new(channels // groups, "channel", node.name)
-    group_var = g.fixed(groups, node.name, f"normalisation groups of {where(node)}")
-    g.tie(x[1], Prod((group_var, per_group)))
+    # Statistics are taken over each group's channels: whole groups are the unit, the index within
+    # a group is normalised over.
+    group_var = g.space.new(groups, "channel", node.name)
+    within = g.space.new(channels // groups, "channel", node.name, blocked=f"normalised over by {where(node)}")
+    g.tie(x[1], Prod((group_var, within)))
     for index in (1, 2):
         param = g.operand(node, index)[0]
         g.tie(param, group_var if g.space.size(param) == groups else x[1])
     block_axes(g, x[2:], f"normalised over by {where(node)}")
     tie_all(g, x, g.axes(node.outputs[0]))
+
+    def update(g: DimGraph, removed: dict[int, np.ndarray]) -> None:
+        new = g.new_size(group_var, removed)
+        if new != groups:
+            set_attr(node, "num_groups", int(new))
+
+    g.hook(node, update)
 
 
 @rule("LayerNormalization")
@@ -489,6 +497,7 @@ def _shape_hook(node: ir.Node, g: DimGraph, shape_value: ir.Value, y: list[Expr]
     """Keep a target-shape input in step with the new extents of the output axes."""
     pieces = _shape_pieces(g, shape_value, len(y))
     original = g.const(shape_value)
+    shape_slot = list(node.inputs).index(shape_value)
     for k, piece in enumerate(pieces):
         if piece is None:
             g.block(y[k], f"{where(node)} computes this extent at run time")
@@ -507,7 +516,7 @@ def _shape_hook(node: ir.Node, g: DimGraph, shape_value: ir.Value, y: list[Expr]
             edits.setdefault((owner, slot), []).append((offset, new))
         for (owner, slot), changes in edits.items():
             target_node = node if owner is None else owner
-            target_slot = 1 if owner is None else slot
+            target_slot = shape_slot if owner is None else slot
             old_value = target_node.inputs[target_slot]
             array = np.array(g.const(old_value), dtype=np.int64)
             flat = array.reshape(-1)
@@ -701,6 +710,8 @@ def gather(node: ir.Node, g: DimGraph) -> None:
     tie_all(g, x[axis + 1:], y[axis + idx_rank:])
     if not g.is_param(indices):
         tie_all(g, g.axes(indices), y[axis:axis + idx_rank])
+    else:  # the picked positions are fixed by constant indices, which nothing rewrites
+        block_axes(g, y[axis:axis + idx_rank], f"gathered along by {where(node)} with constant indices")
     if g.is_param(data):  # an embedding table produces its columns
         for k in range(len(x)):
             if k != axis:
