@@ -18,7 +18,7 @@ from graphprune.analysis.groups import find_groups
 from graphprune.errors import GraphpruneError
 from graphprune.io import load_model, prepare, publish, write_model
 from graphprune.latency import dense_vs_pruned
-from graphprune.metrics import ModelStats, model_stats
+from graphprune.metrics import ModelStats, file_size, model_stats
 from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass
 from graphprune.plan import PrunePlan
 from graphprune.report import AnalysisReport, GroupSummary, declined_nodes, summarise_groups
@@ -88,7 +88,7 @@ def optimize(
     ratio: float = 0.3,
     criterion: str = "l2",
     global_rank: bool = False,
-    round_to: int = 8,
+    round_to: int = 16,
     exclude: tuple[str, ...] = (),
     max_group_ratio: float = 0.9,
     seed: int = 0,
@@ -113,6 +113,11 @@ def optimize(
     step = progress or (lambda _: nullcontext())
     with step("Loading"):
         loaded, label, original = _load(model)
+        # Counted on the prepared model: run-time shape arithmetic is folded there, so every conv's
+        # extents are known (counting the raw file can miss layers, as in the legacy ShuffleNet export).
+        before = model_stats(ir.to_proto(loaded), input_shapes)
+        before.file_bytes = (file_size(original) if isinstance(original, (str, os.PathLike))
+                             else original.ByteSize())
     config = PruneChannelsConfig(ratio=ratio, criterion=criterion, global_rank=global_rank, round_to=round_to,
                                  exclude=tuple(exclude), max_group_ratio=max_group_ratio, seed=seed)
     pruning = PruneChannelsPass(config)
@@ -135,7 +140,7 @@ def optimize(
         if check:
             with step("Verifying against the original"):
                 report = verify(original, staged, overrides=input_shapes, samples=samples)
-        before, after = model_stats(original, input_shapes), model_stats(staged, input_shapes)
+        after = model_stats(staged, input_shapes)
         if latency_rounds:
             with step("Measuring latency (dense and pruned, interleaved)"):
                 speed = dense_vs_pruned(original, staged, input_shapes, seed, latency_rounds)

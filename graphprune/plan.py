@@ -18,7 +18,7 @@ class PlanConfig:
     criterion: str = "l2"
     global_rank: bool = False
     max_group_ratio: float = 0.9  # global ranking never removes more than this share of one group
-    round_to: int = 8
+    round_to: int = 16  # ORT's blocked CPU conv kernels work in 16-channel blocks (docs/round_to.md)
     exclude: tuple[str, ...] = ()
     kinds: tuple[str, ...] = DEFAULT_KINDS
     seed: int = 0
@@ -50,10 +50,16 @@ class PrunePlan:
 
 
 def round_kept(kept: int, size: int, multiple: int) -> int:
-    """Round a kept count to a multiple the runtime's kernels like; always keep at least one unit."""
-    if multiple > 1 and size > multiple:
-        kept = max(multiple, round(kept / multiple) * multiple)
-    return int(min(size, max(1, kept)))
+    """Round a kept count to a multiple the runtime's kernels like; always keep at least one unit.
+
+    A group no larger than the multiple is left whole: the runtime pads it back to a full block
+    anyway, and thin layers fall off the fast kernels (measured in docs/round_to.md).
+    """
+    if multiple <= 1:
+        return int(min(size, max(1, kept)))
+    if size <= multiple:
+        return size
+    return int(min(size, max(multiple, round(kept / multiple) * multiple)))
 
 
 def excluded(group: Group, patterns: tuple[str, ...]) -> str:
@@ -88,7 +94,8 @@ def make_plan(g: DimGraph, groups: list[Group], config: PlanConfig) -> PrunePlan
         kept = round_kept(d.group.size - remove, d.group.size, config.round_to)
         d.removed = np.sort(np.argsort(scores, kind="stable")[: d.group.size - kept]).astype(np.int64)
         if not len(d.removed):
-            d.skipped = "nothing to remove at this ratio"
+            d.skipped = ("smaller than --round-to, left whole" if d.group.size <= config.round_to > 1
+                         else "nothing to remove at this ratio")
     return PrunePlan(decisions)
 
 

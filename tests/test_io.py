@@ -74,3 +74,13 @@ def test_bad_files_give_clear_errors(tmp_path):
     (tmp_path / "ext.data").unlink()
     with pytest.raises(GraphpruneError, match="ext.data"):
         load_model(source)
+
+
+def test_exclude_matches_the_names_in_the_users_file(tmp_path):
+    """Preparation folds constants but keeps the user's node names, which --exclude refers to."""
+    path = export("resnet_basic", "legacy")
+    names = [n.name for n in onnx.load(path).graph.node if n.op_type == "Conv"]
+    result = optimize(path, ratio=0.5, exclude=(names[0],), check=False)
+    touching = [g for g in result.groups if any(f"'{names[0]}'" in m for m in g.members)]
+    assert touching and all(not g.removed for g in touching)
+    assert any(g.removed for g in result.groups)
