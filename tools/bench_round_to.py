@@ -6,7 +6,7 @@ compare_latency call (ORT CPU, default graph optimisations, medians). For each p
 channel count ORT's NCHWc layout transformer really computes (it zero-pads channels to its block size).
 
 Usage: .venv/bin/python tools/bench_round_to.py [--threads 1] [--seconds 45] [--sweeps a,b] [--markdown PATH]
-(about 9 sweeps x --seconds, plus session set-up: about 7 minutes at the defaults)
+(at most 9 sweeps x --seconds; about 5 minutes at the defaults on 2 cores)
 """
 
 from __future__ import annotations
@@ -278,6 +278,22 @@ def summary_rows(results: list[SweepResult], stat: str = "median") -> list[dict[
     return rows
 
 
+def eight_vs_sixteen(results: list[SweepResult], stat: str = "median") -> list[tuple[str, int, float, float]]:
+    """For C = 16k + 8 (a multiple of 8 that is not one of 16): latency(C) / latency(C + 8), near 1 when C
+    costs as much as the next multiple of 16, and latency(C - 8) / latency(C), the time left by rounding to
+    16 instead. Per sweep: (name, count, median of the first, median of the second)."""
+    rows = []
+    for r in results:
+        by_c = {p.channels: p for p in r.points}
+        up = [by_c[c].ms(stat) / by_c[c + 8].ms(stat) for c in by_c if c % 16 == 8 and c + 8 in by_c]
+        down = [by_c[c - 8].ms(stat) / by_c[c].ms(stat) for c in by_c if c % 16 == 8 and c - 8 in by_c]
+        if up or down:
+            rows.append((r.sweep.name, max(len(up), len(down)),
+                         statistics.median(up) if up else float("nan"),
+                         statistics.median(down) if down else float("nan")))
+    return rows
+
+
 def per_sweep_rows(results: list[SweepResult], stat: str = "median") -> list[tuple[str, dict[int, float]]]:
     """ns/MAC of multiples of m relative to non-multiples of m, per sweep (> 1: non-multiples are slower)."""
     rows = []
@@ -332,6 +348,10 @@ EXPLAIN = ("ns/MAC is normalised to each sweep's median ns/MAC before averaging.
            "channels at no latency cost); round-down time = median latency(floor_m(C)) / latency(C) "
            "(< 1: rounding down to m saves time).")
 
+EIGHT = ("lat(C) / lat(C+8) near 1.00: a count that is a multiple of 8 but not of 16 costs as much as the next "
+         "multiple of 16 (8 more channels kept for free); lat(C-8) / lat(C): the time left when rounding to 16 "
+         "instead (below 1.00: a real saving).")
+
 
 def print_results(console: Console, results: list[SweepResult], info: dict[str, str]) -> None:
     console.print(" | ".join(f"{k}: {v}" for k, v in info.items()))
@@ -366,6 +386,13 @@ def print_results(console: Console, results: list[SweepResult], info: dict[str, 
                          f"{_fmt(row['up'])} (n={row['n_up']})", f"{_fmt(row['down'])} (n={row['n_down']})")
         console.print(summ)
     console.print(EXPLAIN)
+    e16 = Table(title="Channel counts 16k+8 (multiples of 8, not of 16), median latency")
+    for col in ("sweep", "n", "lat(C) / lat(C+8)", "lat(C-8) / lat(C)"):
+        e16.add_column(col, justify="right")
+    for name, n, up, down in eight_vs_sixteen(results):
+        e16.add_row(name, str(n), _fmt(up), _fmt(down))
+    console.print(e16)
+    console.print(EIGHT)
 
 
 def markdown(results: list[SweepResult], info: dict[str, str], command: str) -> str:
@@ -387,6 +414,10 @@ def markdown(results: list[SweepResult], info: dict[str, str], command: str) -> 
         for name, ratios in per_sweep_rows(results, stat):
             lines.append(f"| {name} | " + " | ".join(_fmt(ratios[m]) for m in MULTIPLES[1:]) + " |")
         lines.append("")
+    lines += ["### Channel counts 16k+8 (multiples of 8, not of 16), median latency", "", EIGHT, "",
+              "| sweep | n | lat(C) / lat(C+8) | lat(C-8) / lat(C) |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {n} | {_fmt(up)} | {_fmt(down)} |" for name, n, up, down in eight_vs_sixteen(results)]
+    lines.append("")
     for r in results:
         ref = statistics.median(p.ns_per_mac() for p in r.points)
         lines += [f"### {r.sweep.name}: {r.sweep.description} ({r.rounds} rounds)", "",

@@ -1,15 +1,22 @@
 """Prune every zoo model (and the pretrained MobileNetV2) and compare realised ORT CPU speedup with FLOPs cut.
 
 For each model and ratio: graphprune.api.optimize(..., check=True), params and MACs before/after, and ONNX
-Runtime CPU latency of the dense model and all its pruned versions timed interleaved in one compare_latency
-call (medians). Reports speedup = dense median / pruned median, FLOPs reduction = dense MACs / pruned MACs,
-and their ratio speedup / FLOPs reduction (the acceptance metric: median over models >= 0.8), plus the
-"gain share" (speedup - 1) / (FLOPs reduction - 1).
+Runtime CPU latency of the dense model and all its pruned versions, timed interleaved in one compare_latency
+call (medians). Reported per row:
+
+  speedup        dense median latency / pruned median latency
+  FLOPs red.     dense MACs / pruned MACs
+  speedup/FLOPs  their plain ratio: the acceptance metric (median over models >= 0.8)
+  (s-1)/(f-1)    share of the ideal time saving realised, a stricter view of the same thing
+  pad16 red.     FLOPs reduction counting Conv channels as ORT's NCHWc kernels compute them (zero-padded to
+                 the block size, 16 with AVX-512 and 8 with AVX2; see docs/round_to.md)
+  spd(min)       speedup from the fastest round of each model, a check that noise did not make the median
 
 Usage: .venv/bin/python tools/bench_zoo.py [--models a,b] [--exporter legacy] [--ratios 0.3,0.5]
        [--round-to N] [--batch 16] [--real-batch 1] [--threads 1] [--seconds 12] [--markdown PATH]
        [--profile MODEL,...]
-The pretrained MobileNetV2 is the model named "mobilenet_v2_pretrained" (needs tools/fetch_models.py).
+The pretrained MobileNetV2 is the model named "mobilenet_v2_pretrained" (weights: tools/fetch_models.py).
+About 2.5 minutes at the defaults on 2 cores (plus about 10 s per profiled model).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from graphprune import api
 from graphprune.cli import DEFAULTS
 from graphprune.errors import GraphpruneError
 from graphprune.inputs import input_specs, make_inputs
+from graphprune.io import load_model
 from graphprune.latency import compare_latency
 from graphprune.metrics import count_macs
 from graphprune.models import zoo
@@ -46,11 +54,21 @@ REAL = "mobilenet_v2_pretrained"
 REAL_SPATIAL = (3, 224, 224)
 
 
+def nchwc_block() -> int:
+    """MLAS's NCHWc block size: 16 floats with AVX-512F, 8 otherwise (AVX2)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return 8
+    return 16 if " avx512f" in flags else 8
+
+
 @dataclass
 class Case:
     name: str
     path: Path
     shapes: dict[str, tuple[int, ...]]
+    prepared: onnx.ModelProto | None = None  # shapes folded as the pruner sees them (for counting only)
 
 
 @dataclass
@@ -60,19 +78,31 @@ class Row:
     shape: str
     params: tuple[int, int] = (0, 0)
     macs: tuple[int, int] = (0, 0)
+    padded: tuple[int, int] = (0, 0)
     dense_ms: float = math.nan
     pruned_ms: float = math.nan
+    dense_min: float = math.nan
+    pruned_min: float = math.nan
     rounds: int = 0
     cosine: float = math.nan
     error: str = ""
+    note: str = ""
 
     @property
     def speedup(self) -> float:
         return self.dense_ms / self.pruned_ms
 
     @property
+    def speedup_min(self) -> float:
+        return self.dense_min / self.pruned_min
+
+    @property
     def flops_reduction(self) -> float:
         return self.macs[0] / self.macs[1] if self.macs[1] else math.nan
+
+    @property
+    def padded_reduction(self) -> float:
+        return self.padded[0] / self.padded[1] if self.padded[1] else math.nan
 
     @property
     def efficiency(self) -> float:
@@ -123,12 +153,85 @@ def load_case(name: str, exporter: str, batch: int, real_batch: int) -> Case:
     return Case(name, path, timing_shapes(path, zoo.ZOO[name].input_shape[1:], batch))
 
 
+# ---------- Conv census: what ORT's kernels really compute ----------
+
+
+@dataclass
+class ConvInfo:
+    name: str
+    kind: str  # "dw" (depthwise), "1x1", "kxk" (any other dense kernel), "grouped"
+    cin: int
+    cout: int
+    macs: int
+    padded_macs: int  # MACs with the channels ORT's NCHWc path computes (zero-padded to the block)
+    nchwc: bool  # whether the channel counts allow ORT's NCHWc path (observed rule, docs/round_to.md)
+
+
+def _ceil(c: int, m: int) -> int:
+    return -(-c // m) * m
+
+
+def conv_census(model: Path | onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                block: int) -> list[ConvInfo]:
+    """Every Conv of the top-level graph with its MACs at the given input shapes.
+
+    NCHWc rule observed with ORT 1.32 (tools/bench_round_to.py): a dense Conv runs NCHWc when C_in < block
+    or C_in % 4 == 0, with C_out (and C_in >= block) zero-padded up to the block; a depthwise Conv when
+    C % 4 == 0, padded likewise; other grouped convs stay NCHW here.
+    """
+    proto = onnx.load(os.fspath(model)) if isinstance(model, Path) else onnx.ModelProto.FromString(
+        model.SerializeToString())
+    for vi in proto.graph.input:
+        if vi.name in shapes:
+            for d, value in zip(vi.type.tensor_type.shape.dim, shapes[vi.name], strict=True):
+                d.Clear()
+                d.dim_value = value
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    out_shape = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+                 for vi in [*inferred.graph.value_info, *inferred.graph.output]}
+    weights = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    convs = []
+    for index, node in enumerate(proto.graph.node):
+        y = out_shape.get(node.output[0])
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weights or not y or not all(y):
+            continue
+        w = weights[node.input[1]]
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        cout, cin, kernel = w[0], w[1] * group, math.prod(w[2:])
+        positions = math.prod(y) // cout  # batch x output spatial
+        macs = positions * cout * w[1] * kernel
+        if group == 1:
+            kind = "1x1" if kernel == 1 else "kxk"
+            nchwc = cin < block or cin % 4 == 0
+            padded = positions * _ceil(cout, block) * (cin if cin < block else _ceil(cin, block)) * kernel
+        elif group == cin == cout and w[1] == 1:
+            kind, nchwc = "dw", cin % 4 == 0
+            padded = positions * _ceil(cout, block) * kernel
+        else:
+            kind, nchwc, padded = "grouped", False, macs
+        convs.append(ConvInfo(node.name or f"Conv#{index}", kind, cin, cout, macs,
+                              padded if nchwc else macs, nchwc))
+    return convs
+
+
+def padded_total(model: Path | onnx.ModelProto, shapes: dict[str, tuple[int, ...]], block: int) -> int:
+    """All MACs (count_macs), with each Conv counted at its NCHWc-padded channel counts."""
+    convs = conv_census(model, shapes, block)
+    return count_macs(model, shapes).total + sum(c.padded_macs - c.macs for c in convs)
+
+
 # ---------- benchmark ----------
 
 
 def bench_model(case: Case, ratios: list[float], round_to: int, criterion: str, threads: int,
                 seconds: float, min_rounds: int, bench: Bench, note: Callable[[str], None]) -> None:
     shape = ", ".join("x".join(map(str, s)) for s in case.shapes.values())
+    block = nchwc_block()
+    # Count the dense model after the same shape folding the pruned one went through: count_macs on the
+    # raw export can miss convs behind shape arithmetic it cannot infer (see `note`).
+    case.prepared = ir.to_proto(load_model(case.path))
+    dense_macs = count_macs(case.prepared, case.shapes)
+    dense_padded = padded_total(case.prepared, case.shapes, block)
     rows, models = [], []
     for ratio in ratios:
         row = Row(case.name, ratio, shape)
@@ -140,12 +243,17 @@ def bench_model(case: Case, ratios: list[float], round_to: int, criterion: str, 
         except GraphpruneError as err:
             row.error = str(err).splitlines()[0]
             continue
-        row.params = (result.before.params, result.after.params)
-        row.macs = (result.before.macs, result.after.macs)
-        if result.verification is not None:
-            row.cosine = result.verification.min_cosine
         proto = ir.to_proto(result.model)
         proto.graph.name = f"{case.name}-r{ratio:g}"
+        row.params = (result.before.params, result.after.params)
+        row.macs = (dense_macs.total, result.after.macs)
+        if result.before.macs != dense_macs.total:
+            row.note = (f"api.optimize reports {result.before.macs / 1e6:.1f} dense MMACs "
+                        f"({result.before.macs_skipped_nodes} nodes skipped by count_macs on the raw export); "
+                        f"{dense_macs.total / 1e6:.1f} after shape folding, used here")
+        row.padded = (dense_padded, padded_total(proto, case.shapes, block))
+        if result.verification is not None:
+            row.cosine = result.verification.min_cosine
         bench.pruned[(case.name, ratio)] = proto
         models.append((row, proto))
     if models:
@@ -156,8 +264,10 @@ def bench_model(case: Case, ratios: list[float], round_to: int, criterion: str, 
         per_round = sum(t.median_ms for t in probe) / 1000.0
         rounds = int(max(min_rounds, min(5000, seconds / max(per_round, 1e-6))))
         timings = compare_latency(all_models, inputs, rounds=rounds, warmup=5, threads=threads)
+        dense = timings[0]
         for (row, _), t in zip(models, timings[1:], strict=True):
-            row.dense_ms, row.pruned_ms, row.rounds = timings[0].median_ms, t.median_ms, rounds
+            row.dense_ms, row.pruned_ms, row.rounds = dense.median_ms, t.median_ms, rounds
+            row.dense_min, row.pruned_min = dense.min_ms, t.min_ms
     bench.rows.extend(rows)
     bench.cases[case.name] = case
 
@@ -170,13 +280,27 @@ def medians(rows: list[Row], ratio: float) -> dict[str, float]:
         "n": len(ok),
         "speedup": statistics.median(r.speedup for r in ok),
         "flops_reduction": statistics.median(r.flops_reduction for r in ok),
+        "padded_reduction": statistics.median(r.padded_reduction for r in ok),
         "efficiency": statistics.median(r.efficiency for r in ok),
         "gain_share": statistics.median(r.gain_share for r in ok if not math.isnan(r.gain_share)),
+        "speedup_min": statistics.median(r.speedup_min for r in ok),
         "dense_ms": statistics.median(r.dense_ms for r in ok),
     }
 
 
 # ---------- per-op profile ----------
+
+
+def _kind_of(node: onnx.NodeProto, dims: dict[str, list[int]]) -> str:
+    prefix = "nchwc." if node.domain == "com.microsoft.nchwc" else "ms." if node.domain == "com.microsoft" else ""
+    kind = f"{prefix}{node.op_type}"
+    if node.op_type in ("Conv", "FusedConv") and len(node.input) > 1 and node.input[1] in dims:
+        w = dims[node.input[1]]
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        shape = "dw" if group > 1 and w[1] == 1 else "grouped" if group > 1 else (
+            "1x1" if math.prod(w[2:]) == 1 else "kxk")
+        kind += f" ({shape})"
+    return kind
 
 
 def op_profile(model: Path | onnx.ModelProto, inputs: dict[str, np.ndarray], threads: int,
@@ -199,9 +323,8 @@ def op_profile(model: Path | onnx.ModelProto, inputs: dict[str, np.ndarray], thr
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
         optimised = onnx.load(options.optimized_model_filepath)
-    kinds = {n.name: (f"nchwc.{n.op_type}" if n.domain == "com.microsoft.nchwc" else
-                      f"ms.{n.op_type}" if n.domain == "com.microsoft" else n.op_type)
-             for n in optimised.graph.node}
+    dims = {t.name: list(t.dims) for t in optimised.graph.initializer}
+    kinds = {n.name: _kind_of(n, dims) for n in optimised.graph.node}
     per_node: dict[str, list[float]] = defaultdict(list)
     for event in events:
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
@@ -212,39 +335,10 @@ def op_profile(model: Path | onnx.ModelProto, inputs: dict[str, np.ndarray], thr
     return dict(totals)
 
 
-def conv_channel_audit(model: Path | onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
-    """Share of Conv MACs whose input and output channel counts are multiples of 4 / 8 / 16 (ORT's NCHWc
-    layout needs multiples of 4 and pads to 16 on AVX-512), and the depthwise share."""
-    proto = onnx.load(os.fspath(model)) if isinstance(model, Path) else onnx.ModelProto.FromString(
-        model.SerializeToString())
-    for vi in proto.graph.input:
-        if vi.name in shapes:
-            dims = vi.type.tensor_type.shape.dim
-            for d, value in zip(dims, shapes[vi.name], strict=True):
-                d.Clear()
-                d.dim_value = value
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    out_shape = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
-                 for vi in [*inferred.graph.value_info, *inferred.graph.output]}
-    weights = {t.name: tuple(t.dims) for t in proto.graph.initializer}
-    parts: list[tuple[int, int, int, bool]] = []
-    for node in proto.graph.node:
-        y = out_shape.get(node.output[0])
-        if node.op_type != "Conv" or node.input[1] not in weights or not y or not all(y):
-            continue
-        w = weights[node.input[1]]
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        parts.append((math.prod(y) * math.prod(w[1:]), w[0], w[1] * group, group > 1 and group == w[0]))
-    total = sum(p[0] for p in parts) or 1
-    audit = {f"in&out %{m}": sum(p[0] for p in parts if p[1] % m == 0 and p[2] % m == 0) / total
-             for m in (4, 8, 16)}
-    audit["depthwise"] = sum(p[0] for p in parts if p[3]) / total
-    return audit
-
-
 def profile_report(console: Console, bench: Bench, names: list[str], ratio: float, threads: int,
                    runs: int) -> list[str]:
     lines: list[str] = []
+    block = nchwc_block()
     for name in names:
         case = bench.cases.get(name)
         pruned = bench.pruned.get((name, ratio))
@@ -252,40 +346,57 @@ def profile_report(console: Console, bench: Bench, names: list[str], ratio: floa
             console.print(f"[yellow]no pruned {name} at ratio {ratio:g} to profile[/yellow]")
             continue
         inputs = make_inputs(case.path, overrides=case.shapes, seed=0)
-        dense_ops = op_profile(case.path, inputs, threads, runs)
+        dense_ops = op_profile(case.path, inputs, threads, runs)  # time the real export
         pruned_ops = op_profile(pruned, inputs, threads, runs)
-        audit_dense = conv_channel_audit(case.path, case.shapes)
-        audit_pruned = conv_channel_audit(pruned, case.shapes)
-        macs_dense, macs_pruned = count_macs(case.path, case.shapes), count_macs(pruned, case.shapes)
-        title = (f"{name} per-op kernel time (ORT profiler, {runs} runs, {threads} thread(s)), dense vs "
-                 f"pruned at {ratio:g}")
+        title = (f"{name} ({', '.join('x'.join(map(str, s)) for s in case.shapes.values())}): per-op kernel "
+                 f"time, ORT profiler, median of {runs} runs, {threads} thread(s), dense vs pruned at {ratio:g}")
+        headers = ("op kind", "dense ms", "share", "pruned ms", "share", "dense/pruned")
         table = Table(title=title)
-        for col in ("op kind", "dense ms", "share", "pruned ms", "share", "dense/pruned"):
+        for col in headers:
             table.add_column(col, justify="right")
+        md = [f"#### {title}", "", "| " + " | ".join(headers) + " |", "|---|---:|---:|---:|---:|---:|"]
         d_total, p_total = sum(dense_ops.values()), sum(pruned_ops.values())
-        md = [f"#### {title}", "", "| op kind | dense ms | share | pruned ms | share | dense/pruned |",
-              "|---|---:|---:|---:|---:|---:|"]
         for kind in sorted(set(dense_ops) | set(pruned_ops), key=lambda k: -dense_ops.get(k, 0.0)):
             d, p = dense_ops.get(kind, 0.0), pruned_ops.get(kind, 0.0)
             cells = (kind, f"{d:.3f}", f"{d / d_total:.0%}", f"{p:.3f}", f"{p / p_total:.0%}",
                      f"{d / p:.2f}" if p else "-")
             table.add_row(*cells)
             md.append("| " + " | ".join(cells) + " |")
-        cells = ("total", f"{d_total:.3f}", "", f"{p_total:.3f}", "", f"{d_total / p_total:.2f}")
+        cells = ("total (kernels)", f"{d_total:.3f}", "", f"{p_total:.3f}", "", f"{d_total / p_total:.2f}")
         table.add_row(*cells, style="bold")
         md.append("| " + " | ".join(cells) + " |")
         console.print(table)
-        mac_line = ("MACs by op type, dense -> pruned: " + ", ".join(
-            f"{op} {macs_dense.by_op_type.get(op, 0) / 1e6:.1f}M -> {macs_pruned.by_op_type.get(op, 0) / 1e6:.1f}M"
-            f" ({macs_dense.by_op_type.get(op, 0) / max(macs_pruned.by_op_type.get(op, 0), 1):.2f}x)"
-            for op in sorted(macs_dense.by_op_type)))
-        audit_line = ("Conv MAC share with in and out channels multiple of m, dense -> pruned: " + ", ".join(
-            f"{k}: {audit_dense.get(k, 0):.0%} -> {audit_pruned.get(k, 0):.0%}"
-            for k in ("in&out %4", "in&out %8", "in&out %16", "depthwise")))
-        console.print(mac_line)
-        console.print(audit_line)
-        lines += [*md, "", mac_line, "", audit_line, ""]
+        md += ["", *conv_kind_lines(case, pruned, block, console)]
+        lines += [*md, ""]
     return lines
+
+
+def conv_kind_lines(case: Case, pruned: onnx.ModelProto, block: int, console: Console) -> list[str]:
+    """Conv MACs per kind, dense vs pruned, real and NCHWc-padded, and the share on the NCHWc path."""
+    dense = conv_census(case.prepared or case.path, case.shapes, block)
+    thin = conv_census(pruned, case.shapes, block)
+    headers = ("conv kind", "dense MMACs", "pruned MMACs", "MAC red.", "dense padded", "pruned padded",
+               "padded red.", "pruned MACs on NCHWc path", "pruned convs with C_out % 16")
+    table = Table(title=f"{case.name}: Conv MACs by kind (padded = channels rounded up to {block})")
+    for col in headers:
+        table.add_column(col, justify="right")
+    md = ["| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
+    for kind in ("kxk", "1x1", "dw", "grouped", "all"):
+        d = [c for c in dense if kind in (c.kind, "all")]
+        p = [c for c in thin if kind in (c.kind, "all")]
+        if not d:
+            continue
+        dm, pm = sum(c.macs for c in d), sum(c.macs for c in p)
+        dp, pp = sum(c.padded_macs for c in d), sum(c.padded_macs for c in p)
+        on_path = sum(c.macs for c in p if c.nchwc) / pm if pm else math.nan
+        aligned = sum(1 for c in p if c.cout % block == 0)
+        cells = (kind, f"{dm / 1e6:.1f}", f"{pm / 1e6:.1f}", f"{dm / pm:.2f}x" if pm else "-",
+                 f"{dp / 1e6:.1f}", f"{pp / 1e6:.1f}", f"{dp / pp:.2f}x" if pp else "-",
+                 f"{on_path:.0%}", f"{aligned}/{len(p)}")
+        table.add_row(*cells, style="bold" if kind == "all" else None)
+        md.append("| " + " | ".join(cells) + " |")
+    console.print(table)
+    return md
 
 
 # ---------- output ----------
@@ -296,7 +407,8 @@ def _f(x: float, fmt: str = ".2f") -> str:
 
 
 HEADERS = ("model", "ratio", "input", "params dense→pruned", "MMACs dense→pruned", "dense ms", "pruned ms",
-           "rounds", "speedup", "FLOPs red.", "speedup/FLOPs", "(s-1)/(f-1)", "min cos")
+           "rounds", "speedup", "FLOPs red.", "speedup/FLOPs", "(s-1)/(f-1)", f"pad{nchwc_block()} red.", "spd(min)",
+           "min cos")
 
 
 def row_cells(r: Row) -> list[str]:
@@ -307,7 +419,8 @@ def row_cells(r: Row) -> list[str]:
         f"{r.params[0] / 1e3:.1f}k→{r.params[1] / 1e3:.1f}k",
         f"{r.macs[0] / 1e6:.1f}→{r.macs[1] / 1e6:.1f}",
         f"{r.dense_ms:.3f}", f"{r.pruned_ms:.3f}", str(r.rounds),
-        f"{r.speedup:.2f}x", f"{r.flops_reduction:.2f}x", _f(r.efficiency), _f(r.gain_share), _f(r.cosine, ".3f"),
+        f"{r.speedup:.2f}x", f"{r.flops_reduction:.2f}x", _f(r.efficiency), _f(r.gain_share),
+        f"{r.padded_reduction:.2f}x", f"{r.speedup_min:.2f}x", _f(r.cosine, ".3f"),
     ]
 
 
@@ -316,7 +429,8 @@ def median_cells(rows: list[Row], ratio: float, label: str) -> list[str] | None:
     if not m:
         return None
     return [label, f"{ratio:g}", f"n={m['n']}", "", "", f"{m['dense_ms']:.3f}", "", "",
-            f"{m['speedup']:.2f}x", f"{m['flops_reduction']:.2f}x", _f(m["efficiency"]), _f(m["gain_share"]), ""]
+            f"{m['speedup']:.2f}x", f"{m['flops_reduction']:.2f}x", _f(m["efficiency"]), _f(m["gain_share"]),
+            f"{m['padded_reduction']:.2f}x", f"{m['speedup_min']:.2f}x", ""]
 
 
 def print_table(console: Console, bench: Bench, ratios: list[float], title: str) -> None:
@@ -333,8 +447,8 @@ def print_table(console: Console, bench: Bench, ratios: list[float], title: str)
 
 
 def markdown_table(bench: Bench, ratios: list[float]) -> list[str]:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" if h in ("model", "input") else "---:"
-                                                           for h in HEADERS) + "|"]
+    lines = ["| " + " | ".join(HEADERS) + " |",
+             "|" + "|".join("---" if h in ("model", "input") else "---:" for h in HEADERS) + "|"]
     for ratio in ratios:
         for r in (r for r in bench.rows if r.ratio == ratio):
             lines.append("| " + " | ".join(row_cells(r)) + " |")
@@ -344,7 +458,7 @@ def markdown_table(bench: Bench, ratios: list[float]) -> list[str]:
     return lines
 
 
-def machine(threads: int) -> list[str]:
+def machine(threads: int) -> str:
     import onnxruntime as ort
 
     cpu = "unknown"
@@ -355,10 +469,17 @@ def machine(threads: int) -> list[str]:
                 break
     except OSError:
         pass
-    return [f"CPU: {cpu}, {os.cpu_count()} logical CPUs; onnxruntime {ort.__version__} (CPUExecutionProvider, "
-            f"graph optimisation level 'all'); {threads} intra-op thread(s); "
-            f"date {datetime.datetime.now():%Y-%m-%d %H:%M}; load average "
-            + " ".join(f"{x:.2f}" for x in os.getloadavg())]
+    isa = "AVX-512F" if nchwc_block() == 16 else "no AVX-512"
+    return (f"CPU: {cpu} ({isa}), {os.cpu_count()} logical CPUs; onnxruntime {ort.__version__} "
+            f"(CPUExecutionProvider, graph optimisation level 'all'); {threads} intra-op thread(s); "
+            f"date {datetime.datetime.now():%Y-%m-%d %H:%M}")
+
+
+LEGEND = ("speedup = dense median / pruned median latency (interleaved); FLOPs red. = dense MACs / pruned MACs; "
+          "speedup/FLOPs = their plain ratio (the acceptance metric); (s-1)/(f-1) = share of the ideal time "
+          f"saving realised; pad{nchwc_block()} red. = FLOPs reduction with Conv channels padded as ORT's "
+          "NCHWc kernels compute them; spd(min) = speedup from each model's fastest round; min cos = worst cosine between "
+          "dense and pruned outputs (no fine-tuning).")
 
 
 def _floats(text: str) -> list[float]:
@@ -392,8 +513,11 @@ def main(models: str, exporter: str, ratios: str, round_to: int, criterion: str,
     if unknown:
         raise click.BadParameter(f"unknown model(s): {', '.join(unknown)}", param_hint="--models")
     ratio_list = _floats(ratios)
-    console, status = Console(), Console(stderr=True)
+    console = Console() if sys.stdout.isatty() else Console(width=240)
+    status = Console(stderr=True)
     bench = Bench()
+    header = machine(threads)
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     start = time.perf_counter()
     with status.status("starting") as spinner:
         for name in names:
@@ -407,23 +531,27 @@ def main(models: str, exporter: str, ratios: str, round_to: int, criterion: str,
             bench_model(case, ratio_list, round_to, criterion, threads, seconds, min_rounds, bench,
                         spinner.update)
     elapsed = time.perf_counter() - start
+    header += f"; load average {load_start} at start, " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + " at end"
     command = " ".join(["tools/bench_zoo.py", *sys.argv[1:]])
-    header = machine(threads)
     title = (f"graphprune zoo: ORT CPU speedup vs FLOPs reduction ({exporter} export, round-to {round_to}, "
              f"criterion {criterion}, {threads} thread(s))")
-    console.print(*header)
+    console.print(header)
     print_table(console, bench, ratio_list, title)
-    console.print("speedup = dense median / pruned median latency (interleaved); FLOPs red. = dense MACs / "
-                  "pruned MACs; speedup/FLOPs = their plain ratio (the acceptance metric); (s-1)/(f-1) = share "
-                  f"of the ideal time saving realised. {elapsed:.0f} s.")
+    console.print(LEGEND + f" {elapsed:.0f} s.")
+    notes = sorted({f"{r.model}: {r.note}" for r in bench.rows if r.note})
+    for n in notes:
+        console.print(f"note: {n}")
     profile_lines: list[str] = []
     to_profile = [p.strip() for p in profile.split(",") if p.strip()]
     if to_profile:
         pr = profile_ratio if profile_ratio is not None else max(ratio_list)
-        profile_lines = profile_report(console, bench, to_profile, pr, threads, profile_runs)
+        with status.status("profiling"):
+            profile_lines = profile_report(console, bench, to_profile, pr, threads, profile_runs)
     if markdown_path is not None:
-        text = [*header, "", f"Command: `{command}` ({elapsed:.0f} s)", "", f"**{title}**", "",
-                *markdown_table(bench, ratio_list), ""]
+        text = [header, "", f"Command: `{command}` ({elapsed:.0f} s)", "", f"**{title}**", "",
+                *markdown_table(bench, ratio_list), "", LEGEND, ""]
+        if notes:
+            text += ["Notes:", "", *(f"- {n}" for n in notes), ""]
         if profile_lines:
             text += ["### Per-op profiles", "", *profile_lines]
         markdown_path.write_text("\n".join(text) + "\n")
