@@ -11,19 +11,35 @@ from graphprune.errors import GraphpruneError
 CRITERIA = ("l1", "l2", "bn-scale", "random")
 
 
+def _member_norms(g: DimGraph, group: Group, use, axis: int, order: int) -> np.ndarray:
+    units = g.space.unit_map(use.axes[axis], group.root)
+    array = np.moveaxis(np.asarray(use.array, dtype=np.float64), axis, 0).reshape(len(units), -1)
+    per_position = np.abs(array).sum(1) if order == 1 else (array**2).sum(1)
+    mask = units >= 0
+    member = np.bincount(units[mask], weights=per_position[mask], minlength=group.size)
+    return np.sqrt(member) if order == 2 else member
+
+
 def unit_norms(g: DimGraph, group: Group, order: int) -> np.ndarray:
-    """Sum over members of each unit's weight norm, each member normalised by its mean."""
+    """Sum over members of each unit's weight norm, each member normalised by its mean.
+
+    A unit that every producing slice leaves at zero, or that every reading slice ignores, is dead
+    whatever its other members hold: it scores 0, so magnitude criteria remove it first.
+    """
     total = np.zeros(group.size)
+    produced = np.zeros(group.size)
+    read = np.zeros(group.size)
+    has = {"out": False, "in": False}
     for use, axis in group.params:
-        units = g.space.unit_map(use.axes[axis], group.root)
-        array = np.moveaxis(np.asarray(use.array, dtype=np.float64), axis, 0).reshape(len(units), -1)
-        per_position = np.abs(array).sum(1) if order == 1 else (array**2).sum(1)
-        mask = units >= 0
-        member = np.bincount(units[mask], weights=per_position[mask], minlength=group.size)
-        if order == 2:
-            member = np.sqrt(member)
+        member = _member_norms(g, group, use, axis, order)
         mean = member.mean()
         total += member / mean if mean > 0 else member
+        role = use.roles[axis]
+        if role in has:
+            has[role] = True
+            (produced if role == "out" else read)[:] += member
+    dead = (has["out"] & (produced == 0)) | (has["in"] & (read == 0))
+    total[dead] = 0.0
     return total
 
 
