@@ -162,7 +162,13 @@ def fold_constants(model: ir.Model) -> None:
 
         # Constant folding only: pattern rewrites would rename and restructure the user's nodes,
         # which --exclude patterns and reports refer to.
-        onnxscript.optimizer.fold_constants_ir(model)
+        folding_log = logging.getLogger("onnxscript")
+        level = folding_log.level
+        folding_log.setLevel(logging.ERROR)  # it logs every node it could not evaluate, as a warning
+        try:
+            onnxscript.optimizer.fold_constants_ir(model)
+        finally:
+            folding_log.setLevel(level)
     except Exception as err:  # noqa: BLE001 -- folding is an improvement, not a requirement
         log.warning("constant folding skipped: %s", err)
     common.RemoveUnusedNodesPass()(model)

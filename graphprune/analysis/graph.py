@@ -1,6 +1,6 @@
 """The dimension graph: every tensor axis of a model as an expression over dimension variables.
 
-Op rules (``rules.py``) relate the axes of each node's inputs and outputs. Weights are seen per use
+Op rules (``rules/``) relate the axes of each node's inputs and outputs. Weights are seen per use
 (node, input slot), so an initializer shared by unrelated nodes is never silently coupled: the
 rewriter slices it once when all uses agree and copies it otherwise.
 """

@@ -1,0 +1,99 @@
+"""Reductions and ops over one axis; Gather; ops without axis relations."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from graphprune.analysis.graph import Decline, DimGraph
+from graphprune.analysis.rules.base import (
+    attr,
+    block_axes,
+    input_or_attr,
+    norm_axis,
+    rule,
+    tie_all,
+    where,
+)
+
+REDUCE = ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"]
+
+
+@rule(*REDUCE)
+def reduce(node: ir.Node, g: DimGraph) -> None:
+    x, y = g.axes(node.inputs[0]), g.axes(node.outputs[0])
+    input_form = g.opset >= 18 or (node.op_type == "ReduceSum" and g.opset >= 13)
+    axes = input_or_attr(node, g, 1, "axes") if input_form else attr(node, "axes")
+    if not axes:
+        if input_form and attr(node, "noop_with_empty_axes", 0):
+            tie_all(g, x, y)
+            return
+        axes = list(range(len(x)))
+    reduced = {norm_axis(a, len(x)) for a in axes}
+    keep = attr(node, "keepdims", 1)
+    for k, e in enumerate(x):
+        if k in reduced:
+            g.block(e, f"reduced over by {where(node)}")
+    tie_all(g, [e for k, e in enumerate(x) if k not in reduced],
+            [e for k, e in enumerate(y) if not (keep and k in reduced)])
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "CumSum", "TopK")
+def over_axis(node: ir.Node, g: DimGraph) -> None:
+    x = g.axes(node.inputs[0])
+    if node.op_type == "CumSum":
+        axis_value = g.const(node.inputs[1])
+        if axis_value is None:
+            raise Decline("the axis is computed at run time")
+        axes = {norm_axis(int(axis_value), len(x))}
+    else:
+        axis = norm_axis(attr(node, "axis", -1 if node.op_type in ("Softmax", "LogSoftmax", "Hardmax", "TopK")
+                                        else 0), len(x))
+        coerced = node.op_type in ("Softmax", "LogSoftmax", "Hardmax") and g.opset < 13
+        axes = set(range(axis, len(x))) if coerced else {axis}
+    for k in axes:
+        g.block(x[k], f"{node.op_type} over this axis in '{node.name}'")
+    for out in node.outputs:
+        if out is None or not out.name:
+            continue
+        y = g.axes(out)
+        if len(y) == len(x):
+            for k in range(len(x)):
+                if k in axes:
+                    g.block(y[k], f"{node.op_type} over this axis in '{node.name}'")
+                else:
+                    g.tie(x[k], y[k])
+        else:
+            tie_all(g, [e for k, e in enumerate(x) if k not in axes], y)
+
+
+@rule("Gather")
+def gather(node: ir.Node, g: DimGraph) -> None:
+    data, indices = node.inputs
+    x = g.operand(node, 0)
+    axis = norm_axis(attr(node, "axis", 0), len(x))
+    y = g.axes(node.outputs[0])
+    idx_rank = len(g.const(indices).shape) if g.const(indices) is not None else len(g.axes(indices))
+    g.block(x[axis], f"gathered along by {where(node)}")
+    tie_all(g, x[:axis], y[:axis])
+    tie_all(g, x[axis + 1:], y[axis + idx_rank:])
+    if not g.is_param(indices):
+        tie_all(g, g.axes(indices), y[axis:axis + idx_rank])
+    else:  # the picked positions are fixed by constant indices, which nothing rewrites
+        block_axes(g, y[axis:axis + idx_rank], f"gathered along by {where(node)} with constant indices")
+    if g.is_param(data):  # an embedding table produces its columns
+        for k in range(len(x)):
+            if k != axis:
+                g.set_role(node, 0, k, "out")
+
+
+@rule("Shape", "Size", "ConstantOfShape", "Range", "EyeLike", "Constant", "RandomNormalLike",
+      "RandomUniformLike")
+def no_relation(node: ir.Node, g: DimGraph) -> None:
+    """These read only extents (or nothing) from their input: the output is a new index space."""
+
+
+@rule("Trilu")
+def trilu(node: ir.Node, g: DimGraph) -> None:
+    x = g.axes(node.inputs[0])
+    block_axes(g, x[-2:], f"triangular mask of {where(node)}")
+    tie_all(g, x, g.axes(node.outputs[0]))
