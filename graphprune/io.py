@@ -80,8 +80,11 @@ def _knowledge(model: ir.Model) -> tuple:
 
 
 def infer_shapes(model: ir.Model) -> None:
-    common.ShapeInferencePass(data_prop=True, strict_mode=False)(model)
-    _same_shape_fallback(model)
+    # Each fallback shape lets inference reach further down the graph: repeat until none is added.
+    for _ in range(MAX_FOLD_ROUNDS):
+        common.ShapeInferencePass(data_prop=True, strict_mode=False)(model)
+        if not _same_shape_fallback(model):
+            break
 
 
 # Ops whose first output has the first input's shape and type, for when ONNX inference has no
@@ -90,14 +93,18 @@ SHAPE_PRESERVING = {"GroupNormalization", "InstanceNormalization", "LayerNormali
                     "BatchNormalization", "LpNormalization", "MeanVarianceNormalization"}
 
 
-def _same_shape_fallback(model: ir.Model) -> None:
+def _same_shape_fallback(model: ir.Model) -> bool:
+    """Copy input shapes to shape-preserving ops ONNX could not infer; True if any was added."""
+    added = False
     for node in model.graph:
         if node.op_type in SHAPE_PRESERVING and node.domain in ("", "ai.onnx") and node.outputs:
             out, x = node.outputs[0], node.inputs[0]
             if out.shape is None and x is not None and x.shape is not None:
                 out.shape = ir.Shape(list(x.shape))
+                added = True
                 if out.type is None:
                     out.type = x.type
+    return added
 
 
 # Two unrelated extents for run-time dims: an extent that comes out the same under both does not

@@ -26,3 +26,4 @@ def test_preparing_twice_changes_nothing(proto):
     once = ir.to_proto(load(proto))
     twice = ir.to_proto(load(once))
     assert [n.op_type for n in once.graph.node] == [n.op_type for n in twice.graph.node]
+    assert {v.name: str(v.type) for v in once.graph.value_info} == {v.name: str(v.type) for v in twice.graph.value_info}
