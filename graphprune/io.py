@@ -173,13 +173,21 @@ def fold_constants(model: ir.Model) -> None:
         level = folding_log.level
         folding_log.setLevel(logging.ERROR)  # it logs every node it could not evaluate, as a warning
         try:
-            onnxscript.optimizer.fold_constants_ir(model)
+            onnxscript.optimizer.fold_constants_ir(model, should_fold=_fold_small_constant_of_shape)
         finally:
             folding_log.setLevel(level)
     except Exception as err:  # noqa: BLE001 -- folding is an improvement, not a requirement
         log.warning("constant folding skipped: %s", err)
     common.RemoveUnusedNodesPass()(model)
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+
+
+def _fold_small_constant_of_shape(node: ir.Node) -> bool | None:
+    """The folder keeps ConstantOfShape by default; small ones feed shape arithmetic (BERT's
+    position ids, masks) that must fold for the extents downstream to be known."""
+    if node.op_type != "ConstantOfShape" or node.inputs[0] is None or node.inputs[0].const_value is None:
+        return None
+    return bool(np.prod(node.inputs[0].const_value.numpy(), dtype=np.int64) <= 4096) or None
 
 
 def fold_static_shape_reads(model: ir.Model) -> None:
