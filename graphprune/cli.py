@@ -273,7 +273,6 @@ def optimize(model: Path, output: Path, ratio: float, criterion: str, global_ran
                           input_shapes=shapes, samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0,
                           progress=_step)
     speed = result.latency
-    result.before.file_bytes = file_size(model)
     if report_path is not None:
         write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
     _print_result(result, speed, output, report_path)

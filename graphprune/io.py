@@ -33,6 +33,9 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise GraphpruneError(
             f"{path}: is not a readable ONNX model ({type(err).__name__}); check the file is complete."
         ) from err
+    # Protobuf parses an empty or foreign file as an empty message; every real model has nodes.
+    if model.ir_version == 0 or not len(model.graph):
+        raise GraphpruneError(f"{path}: is not an ONNX model (no IR version or no graph nodes).")
     _check_external_data(model, path)
     prepare(model)
     return model

@@ -10,8 +10,8 @@ import onnxruntime as ort
 from graphprune.analysis import build_dim_graph
 from graphprune.analysis.groups import find_groups
 from graphprune.io import prepare
+from graphprune.passes.prune_channels import PruneChannelsPass
 from graphprune.plan import PlanConfig, make_plan
-from graphprune.rewrite import apply_removal
 
 
 def load(proto: onnx.ModelProto) -> ir.Model:
@@ -31,15 +31,13 @@ def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool = F
 
 
 def prune(proto: onnx.ModelProto, config: PlanConfig):
-    """Analyse and prune a copy; returns (pruned proto, plan, groups of the original analysis)."""
+    """Prune a copy with the prune-channels pass; returns (pruned proto, plan)."""
     model = load(proto)
-    g = build_dim_graph(model)
-    groups = find_groups(g)
-    plan = make_plan(g, groups, config)
-    apply_removal(g, plan.removed)
+    pruning = PruneChannelsPass(config)
+    pruning(model)
     pruned = ir.to_proto(model)
     onnx.checker.check_model(pruned, full_check=True)
-    return pruned, plan
+    return pruned, pruning.plan
 
 
 def edit_slices(proto: onnx.ModelProto, choose: dict[int, np.ndarray], roles: tuple[str, ...]) -> onnx.ModelProto:
