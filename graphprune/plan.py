@@ -19,6 +19,7 @@ class PlanConfig:
     global_rank: bool = False
     max_group_ratio: float = 0.9  # global ranking never removes more than this share of one group
     round_to: int = 16  # ORT's blocked CPU conv kernels work in 16-channel blocks (docs/round_to.md)
+    # Heads are whole blocks of work already: they are never rounded.
     exclude: tuple[str, ...] = ()
     kinds: tuple[str, ...] = DEFAULT_KINDS
     seed: int = 0
@@ -91,10 +92,11 @@ def make_plan(g: DimGraph, groups: list[Group], config: PlanConfig) -> PrunePlan
     else:
         counts = [round(config.ratio * d.group.size) for d, _ in candidates]
     for (d, scores), remove in zip(candidates, counts):
-        kept = round_kept(d.group.size - remove, d.group.size, config.round_to)
+        multiple = 1 if d.group.kind in ("head", "head-repeat") else config.round_to
+        kept = round_kept(d.group.size - remove, d.group.size, multiple)
         d.removed = np.sort(np.argsort(scores, kind="stable")[: d.group.size - kept]).astype(np.int64)
         if not len(d.removed):
-            d.skipped = ("smaller than --round-to, left whole" if d.group.size <= config.round_to > 1
+            d.skipped = ("smaller than --round-to, left whole" if d.group.size <= multiple > 1
                          else "nothing to remove at this ratio")
     return PrunePlan(decisions)
 

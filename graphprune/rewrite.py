@@ -16,7 +16,31 @@ def apply_removal(g: DimGraph, removed: dict[int, np.ndarray]) -> None:
     _slice_params(g, removed)
     for _, hook in g.hooks:
         hook(g, removed)
+    _resize_interface(g, removed)
     cleanup(g.model)
+
+
+def _resize_interface(g: DimGraph, removed: dict[int, np.ndarray]) -> None:
+    """Declare the new extents of graph inputs and outputs that pruning may shrink (KV caches)."""
+    for value, axis in g.interface_axes:
+        dims = list(value.shape)
+        if not isinstance(dims[axis], int):
+            continue
+        new = g.new_size(g.axes_of[value][axis], removed)
+        if new is not None and new != dims[axis]:
+            dims[axis] = new
+            value.shape = ir.Shape(dims)
+
+
+def interface_changes(g: DimGraph, removed: dict[int, np.ndarray]) -> list[dict]:
+    """Graph inputs and outputs whose extents change: the caller must allocate them smaller."""
+    changes = []
+    for value, axis in g.interface_axes:
+        before = g.space.size(g.axes_of[value][axis])
+        after = g.new_size(g.axes_of[value][axis], removed)
+        if before is not None and after is not None and after != before:
+            changes.append({"value": value.name, "axis": axis, "before": int(before), "after": int(after)})
+    return changes
 
 
 def _kept_axes(g: DimGraph, node: ir.Node, index: int, removed: dict[int, np.ndarray]) -> tuple:

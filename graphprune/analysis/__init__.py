@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import onnx_ir as ir
 
 from graphprune.analysis.graph import Decline, DimGraph
-from graphprune.analysis.rules import RULES
+from graphprune.analysis.heads import classify_heads
+from graphprune.analysis.rules import rule_for
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -14,25 +17,44 @@ def build_dim_graph(model: ir.Model) -> DimGraph:
     """Apply the op rule of every node; graph inputs, outputs and declined nodes block their axes."""
     g = DimGraph(model)
     graph = model.graph
-    for value in graph.inputs:
-        if value.const_value is None:
-            g.block_value(value, f"graph input '{value.name}'")
     for node in graph:
         reason = _apply_rule(node, g)
         if reason is not None:
             _decline(node, g, reason)
         _block_captured(node, g)
+    classify_heads(g)
+    # Blocking the interface last gives the same result as blocking it first (reasons follow the
+    # union-find), and lets a KV cache's head axis be recognised as a head before deciding.
+    for value in graph.inputs:
+        if value.const_value is None:
+            _block_interface(g, value, f"graph input '{value.name}'")
     for value in graph.outputs:
         if value.shape is not None:
-            g.block_value(value, f"graph output '{value.name}'")
+            _block_interface(g, value, f"graph output '{value.name}'")
     return g
 
 
+# Past/present key and value tensors of decoders: the caller allocates them at the model's head
+# count, so head pruning may shrink them (the report tells the caller); every other axis is fixed.
+CACHE_NAME = re.compile(r"past|present|cache", re.IGNORECASE)
+
+
+def _block_interface(g: DimGraph, value: ir.Value, reason: str) -> None:
+    if value.shape is None:
+        return
+    cache = bool(CACHE_NAME.search(value.name or ""))
+    for axis, expr in enumerate(g.axes(value)):
+        if cache and all(g.space.vars[a].kind in ("head", "head-repeat") for a in g.space.atoms(expr)):
+            g.interface_axes.append((value, axis))
+            continue
+        g.block(expr, reason)
+
+
 def _apply_rule(node: ir.Node, g: DimGraph) -> str | None:
-    if node.domain not in STANDARD_DOMAINS:
-        return f"no rule for op {node.domain}::{node.op_type}"
-    fn = RULES.get(node.op_type)
+    fn = rule_for(node)
     if fn is None:
+        if node.domain not in STANDARD_DOMAINS:
+            return f"no rule for op {node.domain}::{node.op_type}"
         return f"no rule for op {node.op_type}"
     try:
         fn(node, g)

@@ -40,8 +40,9 @@ class Prod:
 Expr = Atom | Cat | Prod
 
 
-# When two index spaces merge, the more constrained kind wins.
-KIND_PRIORITY = {"fixed": 0, "conv-group": 1, "channel": 2}
+# When two index spaces merge, the more constrained kind wins. Attention kinds ("head", "head-repeat",
+# "head-dim") are assigned after the whole graph is built (analysis/heads.py).
+KIND_PRIORITY = {"fixed": 0, "conv-group": 1, "head-repeat": 2, "head": 3, "head-dim": 4, "channel": 5}
 
 
 @dataclass

@@ -10,7 +10,8 @@ import onnx_ir as ir
 from graphprune.analysis.graph import DimGraph, ParamUse
 
 # Unit kinds that a plain --ratio prunes; other kinds need their own pass or option.
-DEFAULT_KINDS = ("channel",)
+DEFAULT_KINDS = ("channel", "head")
+UNIT_KINDS = ("channel", "head", "head-repeat", "head-dim", "conv-group")
 
 
 @dataclass

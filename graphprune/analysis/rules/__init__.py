@@ -3,11 +3,11 @@
 One entry per op family, grouped by module. A rule ties axes that index the same space (``g.tie``),
 blocks axes it reduces or mixes (``g.block``), and registers a rewrite hook when attributes or shape
 constants depend on axis extents. An op with no entry is declined: its axes are blocked with the reason.
-To support a new op, add a function with ``@rule("OpType")`` in the fitting module and a test in
+To support a new op, add a function with ``@rule("OpType")`` (``domain=`` for contrib ops) in the fitting module and a test in
 tests/test_rules.py.
 """
 
 from graphprune.analysis.rules import elementwise, layout, linear, normalization, reductions, spatial  # noqa: F401
-from graphprune.analysis.rules.base import RULES, rule
+from graphprune.analysis.rules.base import RULES, rule, rule_for
 
-__all__ = ["RULES", "rule"]
+__all__ = ["RULES", "rule", "rule_for"]

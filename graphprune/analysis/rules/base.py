@@ -12,16 +12,23 @@ from graphprune.analysis.dims import Expr
 from graphprune.analysis.graph import Decline, DimGraph
 
 Rule = Callable[[ir.Node, DimGraph], None]
-RULES: dict[str, Rule] = {}
+# (domain, op_type) -> rule; the standard domain is "" (nodes written "ai.onnx" are looked up as "").
+RULES: dict[tuple[str, str], Rule] = {}
+MICROSOFT = "com.microsoft"
 
 
-def rule(*op_types: str) -> Callable[[Rule], Rule]:
+def rule(*op_types: str, domain: str = "") -> Callable[[Rule], Rule]:
     def register(fn: Rule) -> Rule:
         for op in op_types:
-            RULES[op] = fn
+            RULES[(domain, op)] = fn
         return fn
 
     return register
+
+
+def rule_for(node: ir.Node) -> Rule | None:
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    return RULES.get((domain, node.op_type))
 
 
 def attr(node: ir.Node, name: str, default=None):

@@ -258,11 +258,14 @@ def expand(node: ir.Node, g: DimGraph) -> None:
     x, y = g.axes(node.inputs[0]), g.axes(node.outputs[0])
     x_dims, y_dims = g.shape(node.inputs[0]), g.shape(node.outputs[0])
     offset = len(y) - len(x)
+    g.broadcasts.extend(e for e, d in zip(y[:offset], y_dims) if d != 1)
     for k, (d, e) in enumerate(zip(x_dims, x)):
         if d != 1 and d == y_dims[offset + k]:
             g.tie(e, y[offset + k])
         elif d != 1:
             raise Decline(f"axis {k} ({d}) does not expand to {y_dims[offset + k]}")
+        elif y_dims[offset + k] != 1:
+            g.broadcasts.append(y[offset + k])
     shape_hook(node, g, node.inputs[1], y, keep_special=False)
 
 

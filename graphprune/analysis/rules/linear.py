@@ -134,3 +134,4 @@ def matmul(node: ir.Node, g: DimGraph) -> None:
     else:
         # Contracted between two activations: removing units there is not a masking of weights.
         g.block(a[-1], f"contracted between two activations by {where(node)}")
+        g.activation_matmuls.append(node)
