@@ -14,7 +14,7 @@ import onnx
 import onnx_ir as ir
 
 from graphprune.analysis import build_dim_graph
-from graphprune.analysis.groups import find_groups
+from graphprune.analysis.groups import DEFAULT_KINDS, UNIT_KINDS, find_groups
 from graphprune.errors import GraphpruneError
 from graphprune.io import load_model, prepare, publish, write_model
 from graphprune.latency import dense_vs_pruned
@@ -55,6 +55,8 @@ class OptimizeResult:
     verification: VerifyReport | None
     latency: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    # Graph inputs/outputs that shrank (KV caches): {"value", "axis", "before", "after", "kept"}.
+    resized: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +67,7 @@ class OptimizeResult:
             "latency": self.latency,
             "units_removed": self.plan.units_removed,
             "groups": [g.to_dict() for g in self.groups],
+            "resized_interface": self.resized,
         }
 
 
@@ -91,6 +94,7 @@ def optimize(
     round_to: int = 16,
     exclude: tuple[str, ...] = (),
     max_group_ratio: float = 0.9,
+    units: tuple[str, ...] = DEFAULT_KINDS,
     seed: int = 0,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     samples: int = 4,
@@ -101,6 +105,7 @@ def optimize(
 ) -> OptimizeResult:
     """Prune channels, verify against the original, and (if ``output`` is given) save atomically.
 
+    ``units``: the unit kinds to remove ("channel", "head", "head-repeat", "head-dim", "conv-group").
     ``external_data``: keep weights in ``<output>.data`` (default: only for models over 1 GB).
     ``latency_rounds``: time dense vs pruned on ONNX Runtime CPU, interleaved (0: skip).
     ``progress``: called with a step's description, returns a context manager around the step.
@@ -109,6 +114,10 @@ def optimize(
         raise GraphpruneError(f"--ratio must be in [0, 1): got {ratio}.")
     if round_to < 1:
         raise GraphpruneError(f"--round-to must be 1 or more: got {round_to}.")
+    unknown = [u for u in units if u not in UNIT_KINDS]
+    if unknown or not units:
+        raise GraphpruneError(f"--units: unknown unit kind '{unknown[0] if unknown else ''}'; "
+                              f"choose from {', '.join(UNIT_KINDS)}.")
     _check_output(model, output)
     step = progress or (lambda _: nullcontext())
     with step("Loading"):
@@ -119,7 +128,8 @@ def optimize(
         before.file_bytes = (file_size(original) if isinstance(original, (str, os.PathLike))
                              else original.ByteSize())
     config = PruneChannelsConfig(ratio=ratio, criterion=criterion, global_rank=global_rank, round_to=round_to,
-                                 exclude=tuple(exclude), max_group_ratio=max_group_ratio, seed=seed)
+                                 exclude=tuple(exclude), max_group_ratio=max_group_ratio, seed=seed,
+                                 kinds=tuple(units))
     pruning = PruneChannelsPass(config)
     with step("Analysing and pruning"):
         pruning(loaded)
@@ -139,13 +149,15 @@ def optimize(
         report = None
         if check:
             with step("Verifying against the original"):
-                report = verify(original, staged, overrides=input_shapes, samples=samples)
+                report = verify(original, staged, overrides=input_shapes, samples=samples,
+                                resized=pruning.resized)
         after = model_stats(staged, input_shapes)
         if latency_rounds:
             with step("Measuring latency (dense and pruned, interleaved)"):
-                speed = dense_vs_pruned(original, staged, input_shapes, seed, latency_rounds)
+                speed = dense_vs_pruned(original, staged, input_shapes, seed, latency_rounds, pruning.resized)
         if output is not None:
             publish(staged, Path(output))
     settings = {"model": label, "ratio": ratio, "criterion": criterion, "global": global_rank,
-                "round_to": round_to, "exclude": list(exclude), "seed": seed}
-    return OptimizeResult(loaded, pruning.plan, pruning.summaries, before, after, report, speed, settings)
+                "round_to": round_to, "exclude": list(exclude), "units": list(units), "seed": seed}
+    return OptimizeResult(loaded, pruning.plan, pruning.summaries, before, after, report, speed, settings,
+                          pruning.resized)

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphprune import api
+from graphprune.analysis.groups import DEFAULT_KINDS
 from graphprune.criteria import CRITERIA
 from graphprune.errors import GraphpruneError
 from graphprune.inputs import parse_shape_overrides, resolve_shapes
@@ -139,6 +140,8 @@ def groups_table(report: AnalysisReport) -> Table:
     rows = []
     for s in report.groups:
         status = "[green]prunable[/]" if s.prunable else f"[yellow]blocked[/]: {s.reason}"
+        if s.prunable and s.kind not in DEFAULT_KINDS:
+            status += f" with --units {s.kind}"
         members = [_shorten(m, MEMBER_CHARS) for m in s.members[:MEMBERS_SHOWN]]
         if len(s.members) > MEMBERS_SHOWN:
             members.append(f"(+{len(s.members) - MEMBERS_SHOWN} more)")
@@ -241,6 +244,9 @@ def analyze(model: Path, as_json: bool) -> None:
               help="With --global, the most any one group may lose, in (0, 1].")
 @click.option("--round-to", type=int, default=DEFAULTS["round_to"], show_default=True,
               help="Round kept counts to a multiple of this (1: no rounding).")
+@click.option("--units", default=",".join(DEFAULTS["units"]), show_default=True, metavar="KINDS",
+              help="Unit kinds to remove, comma-separated: channel, head, head-repeat, head-dim, conv-group. "
+                   "`--units head` is the prune-heads pass.")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Leave groups touching a node whose name matches this glob (repeatable).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
@@ -253,7 +259,8 @@ def analyze(model: Path, as_json: bool) -> None:
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time dense vs pruned with ONNX Runtime on CPU.")
 def optimize(model: Path, output: Path, ratio: float, criterion: str, global_rank: bool,
-             max_group_ratio: float, round_to: int, exclude: tuple[str, ...], input_shapes: tuple[str, ...],
+             max_group_ratio: float, round_to: int, units: str, exclude: tuple[str, ...],
+             input_shapes: tuple[str, ...],
              samples: int, seed: int, report_path: Path | None, latency: bool) -> None:
     """Prune MODEL, verify it against the original, write OUTPUT."""
     _check_range("--ratio", ratio, 0.0, 1.0, high_open=True)
@@ -270,6 +277,7 @@ def optimize(model: Path, output: Path, ratio: float, criterion: str, global_ran
         resolve_shapes(structure, shapes, strict=False)  # unknown input names and wrong ranks fail here
     result = api.optimize(model, output, ratio=ratio, criterion=criterion, global_rank=global_rank,
                           round_to=round_to, exclude=exclude, max_group_ratio=max_group_ratio, seed=seed,
+                          units=tuple(u.strip() for u in units.split(",") if u.strip()),
                           input_shapes=shapes, samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0,
                           progress=_step)
     speed = result.latency
@@ -285,5 +293,8 @@ def _print_result(result: api.OptimizeResult, speed: dict[str, Any] | None, outp
     out.print(comparison_table(result.before, result.after, speed))
     if result.verification is not None:
         out.print(fidelity_table(result.verification))
+    for change in result.resized:
+        out.print(f"[yellow]note:[/] {change['value']} axis {change['axis']} shrinks from {change['before']} "
+                  f"to {change['after']}: allocate the smaller cache when calling the pruned model.")
     out.print(f"Removed {result.plan.units_removed} units from {len(pruned)} of {len(result.groups)} groups; "
               f"wrote {output}" + (f" and {report_path}." if report_path else "."))

@@ -32,7 +32,7 @@ class LatencyResult:
 
 def compare_latency(
     models: Sequence[ModelLike],
-    inputs: Mapping[str, np.ndarray],
+    inputs: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],  # shared, or one per model
     rounds: int = 20,
     warmup: int = 3,
     threads: int | None = None,
@@ -47,7 +47,8 @@ def compare_latency(
         make_session(m, providers=providers, threads=threads, optimization=optimization, label=label)
         for m, label in zip(models, labels, strict=True)
     ]
-    feeds = [_feeds_for(s, inputs, label) for s, label in zip(sessions, labels, strict=True)]
+    per_model = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs] * len(models)
+    feeds = [_feeds_for(s, x, label) for s, x, label in zip(sessions, per_model, labels, strict=True)]
     for _ in range(warmup):
         for session, feed, label in zip(sessions, feeds, labels, strict=True):
             run_session(session, feed, label)
@@ -111,12 +112,19 @@ def _result(label: str, samples: list[float]) -> LatencyResult:
 
 
 def dense_vs_pruned(dense: ModelLike, pruned: ModelLike, overrides: Mapping[str, tuple[int, ...]] | None = None,
-                    seed: int = 0, rounds: int = 100) -> dict[str, Any]:
-    """Median ONNX Runtime CPU latency of both models, timed interleaved on the same inputs."""
+                    seed: int = 0, rounds: int = 100, resized: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """Median ONNX Runtime CPU latency of both models, timed interleaved on the same inputs.
+
+    ``resized`` (KV caches that pruning shrank): the pruned model gets the kept slice of those inputs.
+    """
     from graphprune.inputs import make_inputs
 
     inputs = make_inputs(dense, overrides=overrides, seed=seed)
-    results = compare_latency([dense, pruned], inputs, rounds=rounds)
+    smaller = dict(inputs)
+    for change in resized:
+        if change["value"] in smaller:
+            smaller[change["value"]] = np.take(smaller[change["value"]], change["kept"], axis=change["axis"])
+    results = compare_latency([dense, pruned], [inputs, smaller], rounds=rounds)
     return {
         "rounds": rounds,
         "inputs": {name: list(value.shape) for name, value in inputs.items()},

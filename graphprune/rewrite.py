@@ -39,7 +39,9 @@ def interface_changes(g: DimGraph, removed: dict[int, np.ndarray]) -> list[dict]
         before = g.space.size(g.axes_of[value][axis])
         after = g.new_size(g.axes_of[value][axis], removed)
         if before is not None and after is not None and after != before:
-            changes.append({"value": value.name, "axis": axis, "before": int(before), "after": int(after)})
+            kept = g.space.kept_positions(g.axes_of[value][axis], removed)
+            changes.append({"value": value.name, "axis": axis, "before": int(before), "after": int(after),
+                            "kept": [int(k) for k in kept]})
     return changes
 
 

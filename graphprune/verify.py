@@ -143,7 +143,14 @@ def verify(
     samples: int = 4,
     overrides: Mapping[str, tuple[int, ...]] | None = None,
     providers: Sequence[Any] | None = None,
+    resized: Sequence[Mapping[str, Any]] = (),
 ) -> VerifyReport:
+    """Run both models on the same inputs and measure how far the pruned outputs drift.
+
+    ``resized``: graph inputs and outputs that pruning shrank on purpose (KV caches), each
+    ``{"value", "axis", "kept"}``: the pruned model is fed the kept slice of such an input, and such an
+    output is compared on its kept positions.
+    """
     check_model(pruned)
     ref_label, new_label = _label("original", original), _label("pruned", pruned)
     ref_session = make_session(original, providers=providers, label=ref_label)
@@ -158,10 +165,20 @@ def verify(
             shapes = ", ".join(f"{name}:{'x'.join(map(str, a.shape))}" for name, a in feeds.items())
             raise GraphpruneError(f"{str(err).rstrip('.')}. The generated inputs ({shapes}) may not suit this model: give its "
                                   "input shapes with --input-shape NAME:DIMS.") from err
-        new = run_session(new_session, feeds, new_label)
+        new = run_session(new_session, _take_kept(feeds, resized), new_label)
+        ref = _take_kept(ref, resized)
         _check_shapes(ref, new)
         per_sample.append(fidelity(ref, new))
     return VerifyReport(samples=len(per_sample), outputs=_aggregate(per_sample))
+
+
+def _take_kept(arrays: Feeds, resized: Sequence[Mapping[str, Any]]) -> Feeds:
+    out = dict(arrays)
+    for change in resized:
+        name = change["value"]
+        if name in out:
+            out[name] = np.take(out[name], np.asarray(change["kept"], dtype=np.int64), axis=change["axis"])
+    return out
 
 
 def _label(role: str, model: ModelLike) -> str:

@@ -1,0 +1,77 @@
+"""Heads as units: found through the dimension graph, pruned whole, never rounded, one always kept."""
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from graphprune import api
+from graphprune.cli import main
+from graphprune.errors import GraphpruneError
+from graphprune.models.transformer_zoo import export, sample_inputs
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return export("bert", "legacy", cache_dir=tmp_path_factory.getbasetemp() / "tf")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return export("llama_gqa", "legacy", cache_dir=tmp_path_factory.getbasetemp() / "tf")
+
+
+def kinds(report):
+    return sorted((s.kind, s.size) for s in report.prunable)
+
+
+def test_bert_heads_value_width_and_neurons(bert):
+    # 2 layers: 4 heads, 16 value dims per head, 128 MLP neurons each.
+    assert kinds(api.analyze(bert)) == [("channel", 128)] * 2 + [("head", 4)] * 2 + [("head-dim", 16)] * 2
+
+
+def test_gqa_kv_groups_are_heads_and_the_repeat_is_its_own_kind(llama):
+    # 4 query heads over 2 KV heads: KV groups of 2 are "head", the 2 query heads per group "head-repeat".
+    found = kinds(api.analyze(llama))
+    assert found.count(("head", 2)) == 2 and found.count(("head-repeat", 2)) == 2, found
+
+
+def test_heads_are_not_rounded_and_only_heads_go(bert):
+    result = api.optimize(bert, ratio=0.5, units=("head",), round_to=16)
+    removed = {(s.kind, len(s.removed)) for s in result.groups if s.removed}
+    assert removed == {("head", 2)}, removed
+    assert result.plan.units_removed == 4
+    assert result.verification.min_cosine > 0.9
+
+
+def test_at_least_one_head_per_layer(bert):
+    result = api.optimize(bert, ratio=0.99, units=("head",))
+    assert [len(s.kept) for s in result.groups if s.kind == "head"] == [1, 1]
+
+
+def test_default_units_prune_heads_and_neurons(llama):
+    result = api.optimize(llama, ratio=0.5, round_to=1)
+    pruned = {s.kind for s in result.groups if s.removed}
+    assert pruned == {"head", "channel"}, pruned
+
+
+def test_unknown_unit_kind_is_a_clear_error(bert, tmp_path):
+    with pytest.raises(GraphpruneError, match="--units"):
+        api.optimize(bert, ratio=0.3, units=("heads",))
+    out = tmp_path / "x.onnx"
+    result = CliRunner().invoke(main, ["optimize", str(bert), "-o", str(out), "--ratio", "0.3",
+                                       "--units", "neurons"])
+    assert result.exit_code == 2 and "--units" in result.output and not out.exists()
+
+
+def test_cli_prunes_heads_only(bert, tmp_path):
+    out = tmp_path / "heads.onnx"
+    result = CliRunner().invoke(main, ["optimize", str(bert), "-o", str(out), "--ratio", "0.5", "--units", "head",
+                                       "--no-latency"])
+    assert result.exit_code == 0, result.output
+    pruned = onnx.load(out)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
+    (hidden,) = session.run(None, sample_inputs("bert"))
+    assert hidden.shape == (1, 16, 64) and np.isfinite(hidden).all()
