@@ -54,13 +54,15 @@ def round_kept(kept: int, size: int, multiple: int) -> int:
     """Round a kept count to a multiple the runtime's kernels like; always keep at least one unit.
 
     A group no larger than the multiple is left whole: the runtime pads it back to a full block
-    anyway, and thin layers fall off the fast kernels (measured in docs/round_to.md).
+    anyway, and thin layers fall off the fast kernels (measured in docs/round_to.md). Counts round
+    *up*: a group never loses more units than the ratio asks, so planting that many dead units and
+    pruning at that ratio can only remove dead ones.
     """
     if multiple <= 1:
         return int(min(size, max(1, kept)))
     if size <= multiple:
         return size
-    return int(min(size, max(multiple, round(kept / multiple) * multiple)))
+    return int(min(size, max(multiple, -(-kept // multiple) * multiple)))
 
 
 def excluded(group: Group, patterns: tuple[str, ...]) -> str:

@@ -75,3 +75,34 @@ def test_cli_prunes_heads_only(bert, tmp_path):
     session = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
     (hidden,) = session.run(None, sample_inputs("bert"))
     assert hidden.shape == (1, 16, 64) and np.isfinite(hidden).all()
+
+
+def test_rounding_never_removes_more_than_the_ratio():
+    from graphprune.plan import round_kept
+
+    for size in (17, 24, 100, 1536, 3072):
+        for ratio in (0.1, 0.25, 0.3, 0.5, 0.9):
+            kept = size - round(ratio * size)
+            rounded = round_kept(kept, size, 16)
+            assert kept <= rounded <= size and (rounded % 16 == 0 or rounded == size)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_gqa"])
+def test_planted_dead_heads_and_neurons_survive_default_optimize(name, tmp_path_factory):
+    """What a user checks first: plant dead units at the ratio, optimize with defaults, outputs hold."""
+    from oracle import edit_slices, load, planted_units, prunable_groups, run
+
+    import onnx_ir as ir
+
+    from graphprune.plan import PlanConfig
+
+    proto = ir.to_proto(load(onnx.load(export(name, "legacy", cache_dir=tmp_path_factory.getbasetemp() / "tf"))))
+    groups = prunable_groups(proto, PlanConfig(ratio=0.3, round_to=1))
+    assert {g.kind for g in groups} == {"head", "channel"}
+    chosen = planted_units(groups, 0.3, np.random.default_rng(1))
+    planted = edit_slices(proto, chosen, roles=("in",))  # heads: output-projection rows; neurons: fc2 rows
+    result = api.optimize(planted, ratio=0.3)
+    assert result.plan.units_removed > 0
+    feeds = sample_inputs(name)
+    for want, got in zip(run(planted, feeds), run(ir.to_proto(result.model), feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
