@@ -90,9 +90,8 @@ def test_rounding_never_removes_more_than_the_ratio():
 @pytest.mark.parametrize("name", ["bert", "llama_gqa"])
 def test_planted_dead_heads_and_neurons_survive_default_optimize(name, tmp_path_factory):
     """What a user checks first: plant dead units at the ratio, optimize with defaults, outputs hold."""
-    from oracle import edit_slices, load, planted_units, prunable_groups, run
-
     import onnx_ir as ir
+    from oracle import edit_slices, load, planted_units, prunable_groups, run
 
     from graphprune.plan import PlanConfig
 
