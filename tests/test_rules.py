@@ -29,7 +29,7 @@ from graphprune.errors import GraphpruneError
 from graphprune.io import infer_shapes
 from graphprune.plan import PlanConfig
 
-IR_FOR_OPSET = {11: 8, 13: 8, 17: 8, 18: 8, 20: 9, 21: 10}
+IR_FOR_OPSET = {11: 8, 13: 8, 17: 8, 18: 8, 20: 9, 21: 10, 23: 11}
 
 
 # ---- building models -------------------------------------------------------------------------
@@ -221,6 +221,21 @@ def layernorm_over_last_axis() -> Case:
     n = Net([1, 4, 6])
     h = n.op("LayerNormalization", [n.sequence(), n.rand("ln.s", 7), n.rand("ln.b", 7)], "ln", axis=-1)
     return Case(n, n.sequence_tail(h), 1, {"p.w[0]": "", "m.w[1]": "normalised over by"})
+
+
+@case
+def rmsnorm_opset23() -> Case:
+    n = Net([1, 4, 6], opset=23)
+    h = n.op("RMSNormalization", [n.sequence(), n.rand("rms.s", 7)], "rms", axis=-1)
+    return Case(n, n.sequence_tail(h), 1, {"p.w[0]": "", "m.w[1]": "normalised over by"})
+
+
+@case
+def gather_elements_blocks_its_axes() -> Case:
+    n = Net([1, 4, 6])
+    idx = n.ints("idx", np.zeros((1, 5, 7), dtype=np.int64))
+    h = n.op("GatherElements", [n.sequence(), idx], "ge", axis=2)
+    return Case(n, n.sequence_tail(h), 0, {"p.w[0]": "indexed element-wise", "m.w[1]": "indexed element-wise"})
 
 
 # -- elementwise --

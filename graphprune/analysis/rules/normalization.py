@@ -64,7 +64,7 @@ def group_norm(node: ir.Node, g: DimGraph) -> None:
     g.hook(node, update)
 
 
-@rule("LayerNormalization")
+@rule("LayerNormalization", "RMSNormalization")
 def layer_norm(node: ir.Node, g: DimGraph) -> None:
     x = g.axes(node.inputs[0])
     axis = norm_axis(attr(node, "axis", -1), len(x))

@@ -86,6 +86,22 @@ def gather(node: ir.Node, g: DimGraph) -> None:
                 g.set_role(node, 0, k, "out")
 
 
+@rule("GatherElements", "ScatterElements", "GatherND", "ScatterND")
+def gather_elements(node: ir.Node, g: DimGraph) -> None:
+    """Index arithmetic over positions: nothing that carries units may pass through.
+
+    Exporters use GatherElements on constant buffers (BERT's token-type ids); blocking every axis it
+    touches is exact and keeps the node out of the declined list.
+    """
+    reason = f"indexed element-wise by {where(node)}"
+    for value in [*node.inputs, *node.outputs]:
+        if value is not None and not g.is_param(value) and value.shape is not None:
+            block_axes(g, g.axes(value), reason)
+    for index, value in enumerate(node.inputs):
+        if g.is_param(value):
+            block_axes(g, g.operand(node, index), reason)
+
+
 @rule("Shape", "Size", "ConstantOfShape", "Range", "EyeLike", "Constant", "RandomNormalLike",
       "RandomUniformLike")
 def no_relation(node: ir.Node, g: DimGraph) -> None:
