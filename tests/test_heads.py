@@ -105,3 +105,44 @@ def test_planted_dead_heads_and_neurons_survive_default_optimize(name, tmp_path_
     feeds = sample_inputs(name)
     for want, got in zip(run(planted, feeds), run(ir.to_proto(result.model), feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_constant_gather_pins_the_picked_positions_only():
+    """Falcon-style multi-query split: K and V picked by constant Gather from a fused [H + 2] axis."""
+    from onnx import TensorProto, helper, numpy_helper
+    from oracle import check_model
+
+    rng = np.random.default_rng(0)
+    h, d, width = 4, 8, 32
+    inits = [numpy_helper.from_array(rng.standard_normal((width, (h + 2) * d)).astype(np.float32), "wqkv"),
+             numpy_helper.from_array(rng.standard_normal((h * d, width)).astype(np.float32), "wo"),
+             numpy_helper.from_array(np.array([1, 6, h + 2, d], dtype=np.int64), "split_shape"),
+             numpy_helper.from_array(np.array([1, 6, h * d], dtype=np.int64), "merge_shape"),
+             numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
+             numpy_helper.from_array(np.array([h], dtype=np.int64), "h"),
+             numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2"),
+             numpy_helper.from_array(np.array([-2], dtype=np.int64), "k_at"),
+             numpy_helper.from_array(np.array([-1], dtype=np.int64), "v_at")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wqkv"], ["qkv"], name="qkv_proj"),
+        helper.make_node("Reshape", ["qkv", "split_shape"], ["qkv4"], name="split_heads"),
+        helper.make_node("Slice", ["qkv4", "zero", "h", "axis2"], ["q"], name="q_slice"),
+        helper.make_node("Gather", ["qkv4", "k_at"], ["k"], name="k_pick", axis=2),
+        helper.make_node("Gather", ["qkv4", "v_at"], ["v"], name="v_pick", axis=2),
+        helper.make_node("Transpose", ["q"], ["qt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["v"], ["vt"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["qt", "kt"], ["scores"], name="scores"),
+        helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "vt"], ["ctx"], name="mix"),
+        helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["merged"], name="merge_heads"),
+        helper.make_node("MatMul", ["merged", "wo"], ["y"], name="out_proj"),
+    ]
+    graph = helper.make_graph(nodes, "mqa", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, width])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    heads = [s for s in api.analyze(proto).prunable if s.kind == "head"]
+    assert [s.size for s in heads] == [h]
+    result = check_model(proto, {"x": rng.standard_normal((1, 6, width)).astype(np.float32)}, ratio=0.5)
+    assert result["removed"] >= 2

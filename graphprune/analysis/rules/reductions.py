@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
+from graphprune.analysis.dims import Expr, Incompatible
 from graphprune.analysis.graph import Decline, DimGraph
 from graphprune.analysis.rules.base import (
     attr,
     block_axes,
+    constant_input,
     input_or_attr,
     norm_axis,
     rule,
+    set_input,
     tie_all,
     where,
 )
@@ -73,7 +77,8 @@ def gather(node: ir.Node, g: DimGraph) -> None:
     axis = norm_axis(attr(node, "axis", 0), len(x))
     y = g.axes(node.outputs[0])
     idx_rank = len(g.const(indices).shape) if g.const(indices) is not None else len(g.axes(indices))
-    g.block(x[axis], f"gathered along by {where(node)}")
+    if not (g.is_param(indices) and not g.is_param(data) and _pin_picked(node, g, x[axis])):
+        g.block(x[axis], f"gathered along by {where(node)}")
     tie_all(g, x[:axis], y[:axis])
     tie_all(g, x[axis + 1:], y[axis + idx_rank:])
     if not g.is_param(indices):
@@ -84,6 +89,40 @@ def gather(node: ir.Node, g: DimGraph) -> None:
         for k in range(len(x)):
             if k != axis:
                 g.set_role(node, 0, k, "out")
+
+
+def _pin_picked(node: ir.Node, g: DimGraph, along: Expr) -> bool:
+    """Constant indices pick a few positions of an activation's axis: pin those, free the rest.
+
+    Falcon's multi-query attention slices K and V out of a fused [heads + 2] axis with indices [-2]
+    and [-1]; blocking the whole axis would hide the query heads. The picked positions become fixed
+    units, and a hook renumbers the indices once other positions are removed. False: block it all.
+    """
+    n = g.space.size(along)
+    raw = g.const(node.inputs[1])
+    if n is None or raw is None or raw.size == 0 or raw.size > 64:
+        return False
+    positions = np.where(raw < 0, raw + n, raw).astype(np.int64)
+    if positions.min() < 0 or positions.max() >= n:
+        return False
+    try:
+        for p in sorted(set(positions.reshape(-1).tolist())):
+            g.block(g.space.subrange(along, p, p + 1), f"picked by {where(node)} with constant indices")
+    except Incompatible:
+        return False
+
+    def renumber(g: DimGraph, removed: dict[int, np.ndarray]) -> None:
+        kept = g.space.kept_positions(along, removed)
+        if kept is None:
+            return
+        new = np.searchsorted(kept, positions).astype(np.int64)
+        value = constant_input(g, new.reshape(-1).tolist(), node.inputs[1], "indices")
+        value.const_value = ir.tensor(new.reshape(raw.shape))
+        value.shape = ir.Shape(raw.shape)
+        set_input(node, 1, value)
+
+    g.hook(node, renumber)
+    return True
 
 
 @rule("GatherElements", "ScatterElements", "GatherND", "ScatterND")
