@@ -1,6 +1,18 @@
 """Tiny transformers (random init, structure only) exported with both torch exporters.
 
 Used as models "nobody tuned for" by the channel-pruning tests; the transformers issue grows this.
+
+Two families of forms:
+
+- ``NAMES``: encoders and decoders without a cache, ``(input_ids, attention_mask) -> last_hidden_state``
+  (ViT: ``pixel_values -> last_hidden_state``).
+- ``KV_NAMES``: causal LMs that take and return a key/value cache, flattened as graph inputs
+  ``past_key_values.{i}.key`` / ``.value`` of shape ``[batch, kv_heads, PAST, head_dim]`` and outputs
+  ``logits`` plus ``present.{i}.key`` / ``.value`` of shape ``[batch, kv_heads, PAST + SEQ, head_dim]``.
+  transformers keeps the cache in a ``DynamicCache``; a wrapper builds one from the flat past tensors
+  and flattens the presents, so both exporters see tensors only.
+
+Every shape is static (batch 1, SEQ tokens, PAST cached positions).
 """
 
 from __future__ import annotations
@@ -16,7 +28,13 @@ import numpy as np
 from .zoo import default_cache_dir
 
 SEQ = 16
-NAMES = ("bert", "gpt2", "llama_gqa", "vit")
+PAST = 8  # cached positions the KV forms are exported with
+NAMES = ("bert", "gpt2", "llama_gqa", "mistral", "qwen2", "vit")
+KV_NAMES = ("gpt2_kv", "llama_kv", "mistral_kv", "qwen2_kv")
+LAYERS = 2
+HEADS = 4
+KV_HEADS = {"gpt2_kv": 4, "llama_kv": 2, "mistral_kv": 2, "qwen2_kv": 2}  # key/value heads per layer
+HEAD_DIM = 16
 
 
 def _build(name: str):
@@ -25,32 +43,67 @@ def _build(name: str):
         BertConfig,
         BertModel,
         GPT2Config,
+        GPT2LMHeadModel,
         GPT2Model,
         LlamaConfig,
+        LlamaForCausalLM,
         LlamaModel,
+        MistralConfig,
+        MistralForCausalLM,
+        MistralModel,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen2Model,
         ViTConfig,
         ViTModel,
     )
 
     torch.manual_seed(0)
-    small = {"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+    small = {"num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "intermediate_size": 128}
+    gqa = {"hidden_size": 64, "num_key_value_heads": 2, "vocab_size": 100, **small}
     if name == "bert":
         return BertModel(BertConfig(hidden_size=64, vocab_size=100, **small))
-    if name == "gpt2":
-        return GPT2Model(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100))
-    if name == "llama_gqa":
-        return LlamaModel(LlamaConfig(hidden_size=64, num_key_value_heads=2, vocab_size=100, **small))
+    if name in ("gpt2", "gpt2_kv"):
+        config = GPT2Config(n_embd=64, n_layer=LAYERS, n_head=HEADS, vocab_size=100)
+        return GPT2Model(config) if name == "gpt2" else GPT2LMHeadModel(config)
+    if name in ("llama_gqa", "llama_kv"):
+        return LlamaModel(LlamaConfig(**gqa)) if name == "llama_gqa" else LlamaForCausalLM(LlamaConfig(**gqa))
+    if name in ("mistral", "mistral_kv"):
+        config = MistralConfig(**gqa)
+        return MistralModel(config) if name == "mistral" else MistralForCausalLM(config)
+    if name in ("qwen2", "qwen2_kv"):
+        config = Qwen2Config(**gqa)
+        return Qwen2Model(config) if name == "qwen2" else Qwen2ForCausalLM(config)
     if name == "vit":
         return ViTModel(ViTConfig(hidden_size=64, image_size=32, patch_size=8, **small))
-    raise KeyError(f"unknown transformer {name!r}; known: {', '.join(NAMES)}")
+    raise KeyError(f"unknown transformer {name!r}; known: {', '.join(NAMES + KV_NAMES)}")
+
+
+def cache_names(name: str) -> tuple[list[str], list[str]]:
+    """Names of the past (input) and present (output) cache tensors of a KV form, per layer key then value."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(LAYERS) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(LAYERS) for kind in ("key", "value")]
+    return past, present
 
 
 def sample_inputs(name: str) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     if name == "vit":
         return {"pixel_values": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)}
-    return {"input_ids": rng.integers(0, 100, (1, SEQ)).astype(np.int64),
-            "attention_mask": np.ones((1, SEQ), dtype=np.int64)}
+    feeds = {"input_ids": rng.integers(0, 100, (1, SEQ)).astype(np.int64)}
+    if name not in KV_NAMES:
+        feeds["attention_mask"] = np.ones((1, SEQ), dtype=np.int64)
+        return feeds
+    feeds["attention_mask"] = np.ones((1, PAST + SEQ), dtype=np.int64)
+    for past in cache_names(name)[0]:
+        feeds[past] = rng.standard_normal((1, KV_HEADS[name], PAST, HEAD_DIM)).astype(np.float32)
+    return feeds
+
+
+def output_names(name: str) -> list[str]:
+    if name in KV_NAMES:
+        return ["logits", *cache_names(name)[1]]
+    return ["last_hidden_state"]
 
 
 def _wrapped(name: str):
@@ -70,7 +123,25 @@ def _wrapped(name: str):
                 return self.model(pixel_values=args[0]).last_hidden_state
             return self.model(input_ids=args[0], attention_mask=args[1], use_cache=False).last_hidden_state
 
-    return LastHidden()
+    class WithCache(torch.nn.Module):
+        """Flat past tensors in, logits and flat present tensors out: a DynamicCache lives only inside."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, *past):
+            from transformers import DynamicCache
+
+            cache = DynamicCache(list(zip(past[0::2], past[1::2])))
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                             use_cache=True)
+            presents = []
+            for layer in out.past_key_values.layers:
+                presents.extend((layer.keys, layer.values))
+            return (out.logits, *presents)
+
+    return WithCache() if name in KV_NAMES else LastHidden()
 
 
 def export(name: str, exporter: str = "legacy", cache_dir: str | Path | None = None) -> Path:
@@ -85,6 +156,7 @@ def export(name: str, exporter: str = "legacy", cache_dir: str | Path | None = N
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = sample_inputs(name)
     args = tuple(torch.from_numpy(v) for v in inputs.values())
+    outputs = output_names(name)
     fd, tmp = tempfile.mkstemp(prefix=f".tf-{name}-", suffix=".onnx.tmp", dir=out_dir)
     os.close(fd)
     try:
@@ -92,10 +164,10 @@ def export(name: str, exporter: str = "legacy", cache_dir: str | Path | None = N
             warnings.simplefilter("ignore")
             if exporter == "legacy":
                 torch.onnx.export(_wrapped(name), args, tmp, dynamo=False, opset_version=17,
-                                  input_names=list(inputs), output_names=["last_hidden_state"])
+                                  input_names=list(inputs), output_names=outputs)
             else:
                 torch.onnx.export(_wrapped(name), args, tmp, dynamo=True, external_data=False,
-                                  input_names=list(inputs), output_names=["last_hidden_state"], verbose=False)
+                                  input_names=list(inputs), output_names=outputs, verbose=False)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

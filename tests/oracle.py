@@ -7,8 +7,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from graphprune.analysis import build_dim_graph
-from graphprune.analysis.groups import find_groups
+from graphprune.analysis import CACHE_NAME, build_dim_graph
+from graphprune.analysis.graph import DimGraph
+from graphprune.analysis.groups import DEFAULT_KINDS, find_groups
 from graphprune.io import prepare
 from graphprune.passes.prune_channels import PruneChannelsPass
 from graphprune.plan import PlanConfig, make_plan
@@ -115,34 +116,98 @@ def prunable_groups(proto: onnx.ModelProto, config: PlanConfig):
     return [d.group for d in plan.decisions if not d.skipped or d.skipped == "nothing to remove at this ratio"]
 
 
+def interface_kept(model: onnx.ModelProto | DimGraph,
+                   removed: dict[int, np.ndarray]) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Graph inputs and outputs that a removal shrinks (KV caches): name -> [(axis, kept positions)].
+
+    ``removed`` must come from a plan made on this same (prepared) model, so that roots agree.
+    """
+    if isinstance(model, onnx.ModelProto):
+        if not has_cache(model):
+            return {}
+        model = build_dim_graph(load(model))
+    kept: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for value, axis in model.interface_axes:
+        positions = model.space.kept_positions(model.axes_of[value][axis], removed)
+        if positions is not None:
+            kept.setdefault(value.name, []).append((axis, positions))
+    return kept
+
+
+def has_cache(proto: onnx.ModelProto) -> bool:
+    """Whether some graph input or output is named like a KV cache (only those may shrink)."""
+    return any(CACHE_NAME.search(v.name) for v in [*proto.graph.input, *proto.graph.output])
+
+
+def take_kept(array: np.ndarray, kept: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    for axis, positions in kept:
+        array = np.take(array, positions, axis=axis)
+    return array
+
+
+def assert_declared_shapes(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[np.ndarray]) -> None:
+    """The graph's declared input and output extents are those of the tensors it takes and returns."""
+    declared = {v.name: [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                       for d in v.type.tensor_type.shape.dim]
+                for v in [*proto.graph.input, *proto.graph.output] if v.type.tensor_type.HasField("shape")}
+    actual = {**{k: v.shape for k, v in feeds.items()},
+              **{o.name: a.shape for o, a in zip(proto.graph.output, outputs)}}
+    for name, dims in declared.items():
+        if name in actual:
+            assert len(dims) == len(actual[name]) and all(d in (None, a) for d, a in zip(dims, actual[name])), \
+                f"'{name}' is declared {dims} but is {list(actual[name])}"
+
+
 def assert_equivalent(expected: onnx.ModelProto, actual: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                      rtol: float = 1e-5) -> None:
-    """Outputs agree within rtol, or within a few times the rounding noise of the two models."""
-    floor = max(noise_floor(expected, feeds), noise_floor(actual, feeds))
-    assert_close(run(expected, feeds), run(actual, feeds), rtol=rtol, floor=floor)
+                      rtol: float = 1e-5, kept: dict[str, list[tuple[int, np.ndarray]]] | None = None) -> None:
+    """Outputs agree within rtol, or within a few times the rounding noise of the two models.
+
+    ``kept`` (from interface_kept) names graph inputs and outputs that ``actual`` declares smaller: it is
+    fed only their kept positions, and its outputs are compared with the kept positions of ``expected``'s.
+    """
+    kept = kept or {}
+    actual_feeds = {name: take_kept(array, kept.get(name, [])) for name, array in feeds.items()}
+    floor = max(noise_floor(expected, feeds), noise_floor(actual, actual_feeds))
+    names = [o.name for o in expected.graph.output]
+    assert names == [o.name for o in actual.graph.output], "pruning changed the graph outputs"
+    want = [take_kept(e, kept.get(name, [])) for name, e in zip(names, run(expected, feeds))]
+    got = run(actual, actual_feeds)
+    assert_declared_shapes(actual, actual_feeds, got)
+    assert_close(want, got, rtol=rtol, floor=floor)
 
 
-def check_model(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], ratio: float, seed: int = 0) -> dict:
-    """All three oracle properties on one model; returns a few numbers for reports."""
-    # Ratio 0 changes nothing.
-    same, plan0 = prune(proto, PlanConfig(ratio=0.0, round_to=1))
-    assert plan0.units_removed == 0
-    assert_equivalent(proto, same, feeds)
+def check_model(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], ratio: float, seed: int = 0,
+                kinds: tuple[str, ...] = DEFAULT_KINDS, zero: bool = True) -> dict:
+    """All three oracle properties on one model, pruning the unit kinds given; returns a few numbers.
+
+    Models whose interface shrinks (a KV cache losing heads) are compared on what survives: the pruned
+    model is fed the kept heads of each past tensor, and its present tensors are compared with the kept
+    heads of the reference's. ``zero=False`` skips the ratio-0 check (it does not depend on ``kinds``).
+    """
+    if zero:
+        # Ratio 0 changes nothing.
+        same, plan0 = prune(proto, PlanConfig(ratio=0.0, round_to=1, kinds=kinds))
+        assert plan0.units_removed == 0
+        assert_equivalent(proto, same, feeds)
     # Later steps compare plans of different models by group id: start them all from the prepared
     # model, so that every analysis sees the same graph (preparing again changes nothing).
     proto = ir.to_proto(load(proto))
     # Pruning equals masking the removed units' consumers.
-    config = PlanConfig(ratio=ratio, criterion="random", round_to=1, seed=seed)
+    config = PlanConfig(ratio=ratio, criterion="random", round_to=1, seed=seed, kinds=kinds)
     pruned, plan = prune(proto, config)
-    assert_equivalent(edit_slices(proto, plan.removed, roles=("in",)), pruned, feeds)
+    # One analysis of the prepared model maps removed units to the kept positions of the interface.
+    interface = build_dim_graph(load(proto)) if has_cache(proto) else proto
+    kept = interface_kept(interface, plan.removed)
+    assert_equivalent(edit_slices(proto, plan.removed, roles=("in",)), pruned, feeds, kept=kept)
     # Planted dead units are exactly what L2 removes, and removing them changes nothing.
-    groups = prunable_groups(proto, PlanConfig(ratio=ratio, round_to=1))
+    groups = prunable_groups(proto, PlanConfig(ratio=ratio, round_to=1, kinds=kinds))
     chosen = planted_units(groups, ratio, np.random.default_rng(seed))
     planted = edit_slices(proto, chosen, roles=("in", "out", "param"))
-    pruned_planted, plan_l2 = prune(planted, PlanConfig(ratio=ratio, criterion="l2", round_to=1))
+    pruned_planted, plan_l2 = prune(planted, PlanConfig(ratio=ratio, criterion="l2", round_to=1, kinds=kinds))
     found = plan_l2.removed
     assert set(found) == set(chosen), "L2 did not prune exactly the planted groups"
     for root, units in chosen.items():
         assert np.array_equal(found[root], units), f"group {root}: planted {units}, removed {found[root]}"
-    assert_equivalent(planted, pruned_planted, feeds)
-    return {"groups": len(groups), "removed": plan.units_removed}
+    assert_equivalent(planted, pruned_planted, feeds, kept=interface_kept(interface, chosen))
+    return {"groups": len(groups), "removed": plan.units_removed, "resized": sorted(kept),
+            "kinds": sorted({d.group.kind for d in plan.decisions if len(d.removed)})}

@@ -85,7 +85,8 @@ def kept_counts(resnet: Path, tmp_path: Path, *extra: object) -> dict[int, int]:
 
 def test_round_to_changes_kept_counts(resnet, tmp_path):
     rounded, exact = kept_counts(resnet, tmp_path), kept_counts(resnet, tmp_path, "--round-to", 1)
-    assert sorted(rounded.values()) == [16, 16, 16, 16, 16, 16]  # 16-unit groups left whole, 32 -> 16
+    # 16-unit groups are left whole; 32-unit groups keep 22, rounded up (never remove more than asked).
+    assert sorted(rounded.values()) == [16, 16, 16, 32, 32, 32]
     assert exact != rounded
     assert sorted(exact.values()) == [11, 11, 11, 22, 22, 22]  # 16 and 32 units at ratio 0.3, unrounded
 
