@@ -7,7 +7,15 @@ To support a new op, add a function with ``@rule("OpType")`` (``domain=`` for co
 tests/test_rules.py.
 """
 
-from graphprune.analysis.rules import elementwise, layout, linear, normalization, reductions, spatial  # noqa: F401
+from graphprune.analysis.rules import (  # noqa: F401
+    attention,
+    elementwise,
+    layout,
+    linear,
+    normalization,
+    reductions,
+    spatial,
+)
 from graphprune.analysis.rules.base import RULES, rule, rule_for
 
 __all__ = ["RULES", "rule", "rule_for"]
