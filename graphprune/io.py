@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -13,6 +14,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 
 from graphprune.errors import GraphpruneError
+from graphprune.shape_values import propagate_shape_values
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +66,13 @@ def prepare(model: ir.Model) -> None:
     # Folding needs shapes and shapes need folding: alternate until neither changes the model,
     # so that preparing a prepared model changes nothing.
     for _ in range(MAX_FOLD_ROUNDS):
+        before = _knowledge(model)
         infer_shapes(model)
         fill_static_extents(model)
-        before = _knowledge(model)
+        propagate_shape_values(model)
         fold_constants(model)
         if _knowledge(model) == before:
             break
-    infer_shapes(model)
-    fill_static_extents(model)
 
 
 MAX_FOLD_ROUNDS = 16
@@ -79,7 +80,8 @@ MAX_FOLD_ROUNDS = 16
 
 def _knowledge(model: ir.Model) -> tuple:
     """A fingerprint of the graph's structure and known extents: unchanged means a fixed point."""
-    return tuple((node.op_type, tuple(str(v.shape) for v in node.outputs)) for node in model.graph)
+    return tuple((node.op_type, tuple(v.name if v is not None else "" for v in node.inputs),
+                  tuple(str(v.shape) for v in node.outputs)) for node in model.graph)
 
 
 def infer_shapes(model: ir.Model) -> None:
@@ -151,16 +153,61 @@ def _concrete_shapes(model: ir.Model, extent: int) -> dict[str, list[int | None]
             if not dim.HasField("dim_value"):
                 dim.dim_value = extent
     del graph.value_info[:]
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 -- no extra knowledge, not an error
-        return {}
+    shapes: dict[str, list[int | None]] = {}
+    # ONNX's inference first; ONNX Runtime's symbolic inference (when installed) follows shape
+    # arithmetic further (Expand/Where/Range chains of attention masks) and knows contrib ops.
+    for infer in (_onnx_inference, _symbolic_inference):
+        for name, dims in infer(proto).items():
+            known = shapes.get(name)
+            if known is None or len(known) != len(dims):
+                shapes[name] = dims
+            else:
+                shapes[name] = [a if a is not None else b for a, b in zip(known, dims)]
+    return shapes
+
+
+def _shapes_of(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
     shapes = {}
-    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+    for info in [*proto.graph.value_info, *proto.graph.output]:
         if info.type.tensor_type.HasField("shape"):
             shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None
                                  for d in info.type.tensor_type.shape.dim]
     return shapes
+
+
+def _onnx_inference(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    try:
+        return _shapes_of(onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True))
+    except Exception:  # noqa: BLE001 -- no extra knowledge, not an error
+        return {}
+
+
+def _symbolic_inference(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return {}
+    symbolic_log = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = symbolic_log.level
+    symbolic_log.setLevel(logging.CRITICAL)
+    try:
+        with tempfile.TemporaryDirectory() as scratch, _working_directory(scratch):
+            # It writes a scratch file into the working directory when it gives up.
+            return _shapes_of(SymbolicShapeInference.infer_shapes(proto, auto_merge=False))
+    except Exception:  # noqa: BLE001 -- incomplete inference: no extra knowledge
+        return {}
+    finally:
+        symbolic_log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _working_directory(path: str):
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def fold_constants(model: ir.Model) -> None:
@@ -194,33 +241,52 @@ def _fold_small_constant_of_shape(node: ir.Node) -> bool | None:
 
 
 def fold_static_shape_reads(model: ir.Model) -> None:
-    """Gather(Shape(x), i) becomes a constant when axis i of x is static, even if other axes are not.
+    """Gather(Shape(x), i) and Slice(Shape(x), a, b) become constants when the axes they read are
+    static, even if other axes of x are not.
 
-    Exporters read extents at run time (x.size(1) // 2 for a channel split); with a dynamic batch
-    the whole Shape() is not constant, so general folding leaves these alone.
+    Exporters read extents at run time (x.size(1) // 2 for a channel split, x.size()[:-1] + (n,)
+    for a linear layer); with a dynamic batch the whole Shape() is not constant, so general folding
+    leaves these alone.
     """
     for node in list(model.graph):
-        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("Gather", "Slice") or node.domain not in ("", "ai.onnx"):
             continue
-        source, indices = node.inputs
+        source = node.inputs[0]
         shape_node = source.producer() if source is not None else None
-        if shape_node is None or shape_node.op_type != "Shape" or indices is None or indices.const_value is None:
+        if shape_node is None or shape_node.op_type != "Shape" or shape_node.inputs[0].shape is None:
             continue
         dims = shape_node.inputs[0].shape
-        if dims is None:
-            continue
         start = shape_node.attributes.get("start")
         end = shape_node.attributes.get("end")
         read = list(dims)[start.value if start else 0: end.value if end else None]
-        picked = [read[int(i)] for i in np.atleast_1d(indices.const_value.numpy()).reshape(-1)]
-        if not all(isinstance(d, int) for d in picked):
+        picked = _read_dims(node, read)
+        if picked is None or not all(isinstance(d, int) for d in picked.reshape(-1).tolist()):
             continue
-        array = np.asarray(picked, dtype=np.int64).reshape(indices.const_value.shape.numpy())
+        array = picked.astype(np.int64)
         const = ir.Value(name=f"{node.outputs[0].name}__static", shape=ir.Shape(array.shape),
                          type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(array))
         model.graph.register_initializer(const)
         ir.convenience.replace_all_uses_with(node.outputs[0], const)
     common.RemoveUnusedNodesPass()(model)
+
+
+def _read_dims(node: ir.Node, read: list) -> np.ndarray | None:
+    """The entries of a shape vector that a Gather or Slice node picks; None if not constant."""
+    params = [v.const_value.numpy() if v is not None and v.const_value is not None else None
+              for v in node.inputs[1:]]
+    if not params or params[0] is None:
+        return None
+    if node.op_type == "Gather":
+        indices = params[0]
+        return np.asarray([read[int(i)] for i in indices.reshape(-1)], dtype=object).reshape(indices.shape)
+    if len(params) < 2 or any(p is None for p in params[:2]) or any(p is None for p in params[2:]):
+        return None
+    starts, ends = params[0].reshape(-1), params[1].reshape(-1)
+    axes = params[2].reshape(-1) if len(params) > 2 else np.zeros(1, dtype=np.int64)
+    steps = params[3].reshape(-1) if len(params) > 3 else np.ones(1, dtype=np.int64)
+    if len(starts) != 1 or list(axes) not in ([0], [-1]):
+        return None
+    return np.asarray(read[slice(int(starts[0]), int(ends[0]), int(steps[0]))], dtype=object)
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> None:

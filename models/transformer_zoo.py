@@ -144,7 +144,23 @@ def _wrapped(name: str):
     return WithCache() if name in KV_NAMES else LastHidden()
 
 
+def _dynamic_axes(name: str, inputs: list[str], outputs: list[str]) -> dict[str, dict[int, str]]:
+    """Batch and sequence axes left symbolic, as deployment exports (optimum, HF) write them."""
+    axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "sequence"},
+                                       "attention_mask": {0: "batch", 1: "total"},
+                                       "pixel_values": {0: "batch"},
+                                       "last_hidden_state": {0: "batch", 1: "sequence"},
+                                       "logits": {0: "batch", 1: "sequence"}}
+    if name in KV_NAMES:
+        past, present = cache_names(name)
+        axes.update({n: {0: "batch", 2: "past"} for n in past})
+        axes.update({n: {0: "batch", 2: "total"} for n in present})
+    return {k: v for k, v in axes.items() if k in inputs or k in outputs}
+
+
 def export(name: str, exporter: str = "legacy", cache_dir: str | Path | None = None) -> Path:
+    """Export a zoo transformer: exporter "legacy" (TorchScript, opset 17), "legacy-dynamic" (the same
+    with symbolic batch and sequence axes) or "dynamo"."""
     import torch
     import transformers
 
@@ -162,9 +178,10 @@ def export(name: str, exporter: str = "legacy", cache_dir: str | Path | None = N
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            if exporter == "legacy":
+            if exporter in ("legacy", "legacy-dynamic"):
+                dynamic = _dynamic_axes(name, list(inputs), outputs) if exporter == "legacy-dynamic" else None
                 torch.onnx.export(_wrapped(name), args, tmp, dynamo=False, opset_version=17,
-                                  input_names=list(inputs), output_names=outputs)
+                                  input_names=list(inputs), output_names=outputs, dynamic_axes=dynamic)
             else:
                 torch.onnx.export(_wrapped(name), args, tmp, dynamo=True, external_data=False,
                                   input_names=list(inputs), output_names=outputs, verbose=False)

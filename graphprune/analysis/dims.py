@@ -154,6 +154,14 @@ class DimSpace:
             self._union(a.var, b.var)
             return
         if sa is None or sb is None or sa != sb:
+            # An axis of run-time extent laid out as a structure (the sequence axis of a KV cache is
+            # Cat(past, new); Flatten of [batch, seq]): the structure defines it.
+            if sa is None and isinstance(a, Atom) and not isinstance(b, Atom):
+                self._bind(a.var, b)
+                return
+            if sb is None and isinstance(b, Atom) and not isinstance(a, Atom):
+                self._bind(b.var, a)
+                return
             raise Incompatible(f"extents {sa} and {sb} differ or are not known")
         if isinstance(a, Atom):
             self._bind(a.var, b)
@@ -180,7 +188,10 @@ class DimSpace:
             raise Incompatible("an axis would contain itself")
         self.binding[v] = e
         reasons = self.blocked.pop(v, None)
+        known = self.vars[v].size is None and self.size(e) is not None
         for r in reasons or []:
+            if known and r.startswith("run-time extent"):
+                continue  # the structure gives the extent: it is not a run-time one after all
             self.block(e, r)
 
     def _split(self, v: int, sizes: list[int], how: str) -> list[Expr]:

@@ -60,6 +60,9 @@ def slice_(node: ir.Node, g: DimGraph) -> None:
     x, y = g.axes(node.inputs[0]), g.axes(node.outputs[0])
     dims = g.shape(node.inputs[0])
     attr_form = g.opset < 10
+    if not attr_form and (g.const(node.inputs[1]) is None or g.const(node.inputs[2]) is None):
+        _slice_at_run_time(node, g, x, y)
+        return
     starts = input_or_attr(node, g, 1, "starts") if not attr_form else list(attr(node, "starts"))
     ends = input_or_attr(node, g, 2, "ends") if not attr_form else list(attr(node, "ends"))
     axes = (input_or_attr(node, g, 3, "axes") if not attr_form else attr(node, "axes")) or list(
@@ -107,6 +110,24 @@ def slice_(node: ir.Node, g: DimGraph) -> None:
     g.hook(node, update)
 
 
+def _slice_at_run_time(node: ir.Node, g: DimGraph, x: list[Expr], y: list[Expr]) -> None:
+    """Bounds computed at run time (a position-id buffer cut to the sequence length): the sliced
+    axes are blocked, every other axis passes through. Without constant axes nothing is known."""
+    axes_value = node.inputs[3] if len(node.inputs) > 3 else None
+    if axes_value is None:
+        raise Decline("input 'ends' is computed at run time and no axes are given")
+    axes = g.const(axes_value)
+    if axes is None:
+        raise Decline("inputs 'ends' and 'axes' are computed at run time")
+    sliced = {norm_axis(int(a), len(x)) for a in np.atleast_1d(axes)}
+    for k in range(len(x)):
+        if k in sliced:
+            g.block(x[k], f"sliced at run time by {where(node)}")
+            g.block(y[k], f"sliced at run time by {where(node)}")
+        else:
+            g.tie(x[k], y[k])
+
+
 def _align(a: list, b: list) -> tuple[list[tuple[list[int], list[int]]], set[int], set[int]]:
     """Pair runs of axes with equal products; returns blocks and the axes that could not be paired."""
 
@@ -140,12 +161,56 @@ def _align(a: list, b: list) -> tuple[list[tuple[list[int], list[int]]], set[int
             j += 1
         return blocks, i, j
 
+    segmented = _align_segments(a, b)
+    if segmented is not None:
+        return segmented, set(), set()
     head, i, j = forward(a, b)
     tail_r, ri, rj = forward(a[i:][::-1], b[j:][::-1])
     tail = [([len(a) - 1 - k for k in bi][::-1], [len(b) - 1 - k for k in bj][::-1]) for bi, bj in tail_r]
     left_a = set(range(i, len(a) - ri))
     left_b = set(range(j, len(b) - rj))
     return head + tail[::-1], left_a, left_b
+
+
+def _align_segments(a: list, b: list) -> list[tuple[list[int], list[int]]] | None:
+    """Align shapes with run-time extents that sit at the same places on both sides.
+
+    [batch, 2, 2, seq, 16] -> [batch', 4, seq', 16]: the run-time extents split both shapes into
+    static runs; when there are as many on each side and every run has the same product, the
+    run-time extents pair up in order (exporters compute them from the same Shape reads, under
+    other symbol names) and each static run aligns on its own. None: no such structure.
+    """
+    def runs(shape: list) -> tuple[list[list[int]], list[int]] | None:
+        pieces, opaque, current = [], [], []
+        for k, d in enumerate(shape):
+            if isinstance(d, int):
+                current.append(k)
+            else:
+                pieces.append(current)
+                opaque.append(k)
+                current = []
+        pieces.append(current)
+        return pieces, opaque
+
+    if all(isinstance(d, int) for d in a) or all(isinstance(d, int) for d in b):
+        return None
+    (runs_a, opaque_a), (runs_b, opaque_b) = runs(a), runs(b)
+    if len(opaque_a) != len(opaque_b):
+        return None
+    blocks: list[tuple[list[int], list[int]]] = []
+    for run_a, run_b in zip(runs_a, runs_b):
+        if int(np.prod([a[k] for k in run_a])) != int(np.prod([b[k] for k in run_b])):
+            return None
+        if not run_a or not run_b:
+            if run_a or run_b:
+                return None  # extents of 1 on one side only: leave it to the general alignment
+            continue
+        inner, left_a, left_b = _align([a[k] for k in run_a], [b[k] for k in run_b])
+        if left_a or left_b:
+            return None
+        blocks.extend(([run_a[i] for i in bi], [run_b[j] for j in bj]) for bi, bj in inner)
+    blocks.extend(([i], [j]) for i, j in zip(opaque_a, opaque_b))
+    return blocks
 
 
 def _shape_pieces(g: DimGraph, value: ir.Value, rank: int) -> list[tuple[ir.Node | None, int, int] | None]:
@@ -156,6 +221,11 @@ def _shape_pieces(g: DimGraph, value: ir.Value, rank: int) -> list[tuple[ir.Node
     if g.const(value) is not None:
         return [(None, -1, k) for k in range(rank)]
     producer = value.producer()
+    # A 1-D vector passed through Reshape/Identity/Cast keeps its entries: look through to the Concat.
+    while (producer is not None and producer.op_type in ("Reshape", "Identity", "Cast")
+           and producer.inputs[0] is not None and g.shape(producer.inputs[0]) == [rank]
+           and g.const(producer.inputs[0]) is None):
+        producer = producer.inputs[0].producer()
     if producer is None or producer.op_type != "Concat":
         return [None] * rank
     entries: list = []
@@ -260,7 +330,11 @@ def expand(node: ir.Node, g: DimGraph) -> None:
     offset = len(y) - len(x)
     g.broadcasts.extend(e for e, d in zip(y[:offset], y_dims) if d != 1)
     for k, (d, e) in enumerate(zip(x_dims, x)):
-        if d != 1 and d == y_dims[offset + k]:
+        if not isinstance(d, int) or not isinstance(y_dims[offset + k], int):
+            # A run-time extent: it may broadcast or not; either way no unit passes through it.
+            g.block(e, f"run-time extent expanded by {where(node)}")
+            g.block(y[offset + k], f"run-time extent expanded by {where(node)}")
+        elif d != 1 and d == y_dims[offset + k]:
             g.tie(e, y[offset + k])
         elif d != 1:
             raise Decline(f"axis {k} ({d}) does not expand to {y_dims[offset + k]}")
