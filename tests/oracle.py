@@ -13,6 +13,7 @@ from graphprune.analysis.groups import DEFAULT_KINDS, find_groups
 from graphprune.io import prepare
 from graphprune.passes.prune_channels import PruneChannelsPass
 from graphprune.plan import PlanConfig, make_plan
+from graphprune.verify import check_model as check_model_as_verified
 
 
 def load(proto: onnx.ModelProto) -> ir.Model:
@@ -37,7 +38,7 @@ def prune(proto: onnx.ModelProto, config: PlanConfig):
     pruning = PruneChannelsPass(config)
     pruning(model)
     pruned = ir.to_proto(model)
-    onnx.checker.check_model(pruned, full_check=True)
+    check_model_as_verified(pruned)
     return pruned, pruning.plan
 
 

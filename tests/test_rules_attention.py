@@ -23,6 +23,7 @@ from graphprune.analysis import build_dim_graph
 from graphprune.analysis.groups import find_groups
 from graphprune.api import analyze
 from graphprune.plan import PlanConfig
+from graphprune.verify import check_model as check_model_as_verified
 
 MS = "com.microsoft"
 B, S, IN, HEADS, D = 1, 5, 8, 4, 4  # batch, sequence, input width, heads, head size
@@ -81,7 +82,7 @@ class Builder:
                 if name and name in info and name not in outputs:
                     proto.graph.value_info.append(info[name])
         proto.graph.output.extend(info[name] for name in outputs)
-        check(proto)
+        check_model_as_verified(proto)
         return proto
 
 
@@ -93,29 +94,6 @@ def value_shapes(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[s
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
     results = run(probe, feeds)
     return {name: list(array.shape) for name, array in zip(names, results) if array.dtype == np.float32}
-
-
-# Ops ONNX Runtime registers in the standard domain that ONNX does not define: the checker would reject
-# them, so they are checked as if they were contrib ops (everything else is checked as usual).
-ORT_STANDARD_DOMAIN_OPS = ("SimplifiedLayerNormalization",)
-_check_model = onnx.checker.check_model
-
-
-def check(proto: onnx.ModelProto, full_check: bool = False, **kwargs) -> None:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    for node in copy.graph.node:
-        if node.op_type in ORT_STANDARD_DOMAIN_OPS and node.domain in ("", "ai.onnx"):
-            node.domain = MS
-    if any(n.domain == MS for n in copy.graph.node) and all(o.domain != MS for o in copy.opset_import):
-        copy.opset_import.append(helper.make_opsetid(MS, 1))
-    _check_model(copy, full_check=full_check, **kwargs)
-
-
-@pytest.fixture(autouse=True)
-def _checker_knows_ort_ops(monkeypatch):
-    """oracle.prune checks every pruned model; let it see ORT's standard-domain ops as contrib ops."""
-    monkeypatch.setattr(onnx.checker, "check_model", check)
 
 
 @dataclass
