@@ -220,7 +220,7 @@ def _symbolic_inference(proto: onnx.ModelProto, concrete: bool = True) -> dict[s
     level = symbolic_log.level
     symbolic_log.setLevel(logging.CRITICAL)
     try:
-        with tempfile.TemporaryDirectory() as scratch, _working_directory(scratch):
+        with tempfile.TemporaryDirectory() as scratch, working_directory(scratch):
             # It writes a scratch file into the working directory when it gives up.
             inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=not concrete)
             return _shapes_of(inferred, symbols=not concrete)
@@ -231,7 +231,8 @@ def _symbolic_inference(proto: onnx.ModelProto, concrete: bool = True) -> dict[s
 
 
 @contextlib.contextmanager
-def _working_directory(path: str):
+def working_directory(path: str | os.PathLike):
+    """Run a tool that drops scratch files into the current folder somewhere harmless."""
     before = os.getcwd()
     os.chdir(path)
     try:

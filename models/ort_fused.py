@@ -26,6 +26,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from graphprune.io import working_directory
+
 from . import transformer_zoo
 from .zoo import default_cache_dir
 
@@ -80,11 +82,12 @@ def optimized(name: str, exporter: str = "legacy", cache_dir: str | Path | None 
     if path.exists():
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fused = optimize_model(str(source), model_type=MODEL_TYPE[name], num_heads=HEADS, hidden_size=HIDDEN,
-                               opt_level=level, use_gpu=False)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ort-") as staging:
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ort-") as staging, working_directory(staging):
+        # Both ORT tools leave scratch files (external data, a temp model) in the working folder.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused = optimize_model(str(Path(source).resolve()), model_type=MODEL_TYPE[name], num_heads=HEADS,
+                                   hidden_size=HIDDEN, opt_level=level, use_gpu=False)
         raw = Path(staging) / "fused.onnx"
         fused.save_model_to_file(str(raw))  # sorts the nodes and imports com.microsoft
         proto = SymbolicShapeInference.infer_shapes(onnx.load(raw), auto_merge=True)
