@@ -156,6 +156,8 @@ def fill_static_extents(model: ir.Model) -> bool:
         return False  # everything known: spare the two inference runs
     probes = [_concrete_shapes(model, extent) for extent in PROBE_EXTENTS]
     changed = False
+    for value in model.graph.inputs:
+        _remember_probes(value, probes)
     for node in model.graph:
         for value in node.outputs:
             if value.shape is None or all(isinstance(d, int) for d in value.shape):
@@ -163,6 +165,7 @@ def fill_static_extents(model: ir.Model) -> bool:
             found = [p.get(value.name) for p in probes]
             if any(f is None or len(f) != len(value.shape) for f in found):
                 continue
+            _remember_probes(value, probes)
             dims = list(value.shape)
             for k, d in enumerate(dims):
                 a, b = found[0][k], found[1][k]
@@ -170,6 +173,22 @@ def fill_static_extents(model: ir.Model) -> bool:
                     dims[k], changed = a, True
             value.shape = ir.Shape(dims)
     return changed
+
+
+PROBED = "graphprune.probed_shapes"  # value.meta key: the value's shape under each probe
+
+
+def _remember_probes(value: ir.Value, probes: list[dict[str, list[int | None]]]) -> None:
+    """Keep a value's concrete shapes under the probes, for rules that must tell apart run-time
+    extents the symbols do not relate (batch·heads merged by a Reshape, say)."""
+    if value.shape is None:
+        return
+    if value.is_graph_input():
+        found = [[d if isinstance(d, int) else extent for d in value.shape] for extent in PROBE_EXTENTS]
+    else:
+        found = [p.get(value.name) for p in probes]
+    if all(f is not None and len(f) == len(value.shape) and None not in f for f in found):
+        value.meta[PROBED] = found
 
 
 def _concrete_shapes(model: ir.Model, extent: int) -> dict[str, list[int | None]]:

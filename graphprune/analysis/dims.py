@@ -162,6 +162,11 @@ class DimSpace:
             if sb is None and isinstance(b, Atom) and not isinstance(a, Atom):
                 self._bind(b.var, a)
                 return
+            if (isinstance(a, Prod) and isinstance(b, Prod) and len(a.factors) == len(b.factors)
+                    and all(self.size(x) == self.size(y) for x, y in zip(a.factors, b.factors))):
+                for x, y in zip(a.factors, b.factors):  # same layout, factor by factor
+                    self.unify(x, y)
+                return
             raise Incompatible(f"extents {sa} and {sb} differ or are not known")
         if isinstance(a, Atom):
             self._bind(a.var, b)
@@ -188,10 +193,13 @@ class DimSpace:
             raise Incompatible("an axis would contain itself")
         self.binding[v] = e
         reasons = self.blocked.pop(v, None)
-        known = self.vars[v].size is None and self.size(e) is not None
         for r in reasons or []:
-            if known and r.startswith("run-time extent"):
-                continue  # the structure gives the extent: it is not a run-time one after all
+            if self.vars[v].size is None and r.startswith("run-time extent"):
+                # The structure tells which parts are run-time extents: only those stay blocked.
+                for a in self.atoms(e):
+                    if self.vars[a].size is None:
+                        self.block(Atom(a), r)
+                continue
             self.block(e, r)
 
     def _split(self, v: int, sizes: list[int], how: str) -> list[Expr]:

@@ -18,6 +18,7 @@ from graphprune.analysis.rules.base import (
     tie_all,
     where,
 )
+from graphprune.io import PROBED
 
 
 @rule("Concat")
@@ -121,7 +122,7 @@ def _slice_at_run_time(node: ir.Node, g: DimGraph, x: list[Expr], y: list[Expr])
         raise Decline("inputs 'ends' and 'axes' are computed at run time")
     sliced = {norm_axis(int(a), len(x)) for a in np.atleast_1d(axes)}
     for k in range(len(x)):
-        if k in sliced:
+        if k in sliced or g.space.size(x[k]) != g.space.size(y[k]):  # unknown on one side: block
             g.block(x[k], f"sliced at run time by {where(node)}")
             g.block(y[k], f"sliced at run time by {where(node)}")
         else:
@@ -170,6 +171,20 @@ def _align(a: list, b: list) -> tuple[list[tuple[list[int], list[int]]], set[int
     left_a = set(range(i, len(a) - ri))
     left_b = set(range(j, len(b) - rj))
     return head + tail[::-1], left_a, left_b
+
+
+def _align_probed(node: ir.Node, blocks, left_x, left_y):
+    """Align by the concrete shapes preparation saw under its two probes of the run-time extents:
+    [batch, 4, seq, 16] -> [batch·4, seq, 16] pairs (batch, 4) with the merged axis. Used only when
+    both probes give the same complete alignment; otherwise the symbolic one stands."""
+    probed_x = node.inputs[0].meta.get(PROBED)
+    probed_y = node.outputs[0].meta.get(PROBED)
+    if not probed_x or not probed_y:
+        return blocks, left_x, left_y
+    found = [_align(list(a), list(b)) for a, b in zip(probed_x, probed_y)]
+    if any(left_a or left_b for _, left_a, left_b in found) or found[0][0] != found[1][0]:
+        return blocks, left_x, left_y
+    return found[0][0], set(), set()
 
 
 def _align_segments(a: list, b: list) -> list[tuple[list[int], list[int]]] | None:
@@ -243,6 +258,8 @@ def _shape_pieces(g: DimGraph, value: ir.Value, rank: int) -> list[tuple[ir.Node
 def reshape(node: ir.Node, g: DimGraph) -> None:
     x, y = g.axes(node.inputs[0]), g.axes(node.outputs[0])
     blocks, left_x, left_y = _align(g.shape(node.inputs[0]), g.shape(node.outputs[0]))
+    if left_x or left_y:
+        blocks, left_x, left_y = _align_probed(node, blocks, left_x, left_y)
     for bi, bj in blocks:
         g.tie(Prod(tuple(x[k] for k in bi)), Prod(tuple(y[k] for k in bj)))
     for k in left_x:
