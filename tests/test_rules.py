@@ -936,3 +936,11 @@ def test_nothing_prunable_when_an_unsupported_op_touches_everything():
     assert any(d["reason"] == "no rule for op Einsum" for d in report.declined)
     with pytest.raises(GraphpruneError, match="nothing is prunable"):
         optimize(proto, check=False)
+
+
+@pytest.mark.parametrize("name", ["grouped_conv_2", "grouped_conv_4"])
+def test_whole_conv_groups_satisfy_the_oracle(name):
+    """`--units conv-group` removes whole groups of a grouped conv (and updates `group`)."""
+    case = CASES[name]()
+    result = check_model(case.net.model(case.out), case.net.feeds, ratio=0.5, kinds=("conv-group",))
+    assert result["kinds"] == ["conv-group"] and result["removed"] > 0
