@@ -146,3 +146,39 @@ def test_constant_gather_pins_the_picked_positions_only():
     assert [s.size for s in heads] == [h]
     result = check_model(proto, {"x": rng.standard_normal((1, 6, width)).astype(np.float32)}, ratio=0.5)
     assert result["removed"] >= 2
+
+
+def test_gather_nd_picks_like_a_gather_along_the_first_axis():
+    """Falcon's multi-query split as the dynamo exporter writes it: GatherND with indices [[-2]]."""
+    from onnx import TensorProto, helper, numpy_helper
+    from oracle import check_model
+
+    rng = np.random.default_rng(1)
+    h, d, width, seq = 4, 8, 32, 6
+    ints = {"split_shape": [seq, h + 2, d], "merge_shape": [1, seq, h * d], "zero": [0], "h": [h]}
+    inits = [numpy_helper.from_array(rng.standard_normal((width, (h + 2) * d)).astype(np.float32), "wqkv"),
+             numpy_helper.from_array(rng.standard_normal((h * d, width)).astype(np.float32), "wo"),
+             numpy_helper.from_array(np.array([[-2]], dtype=np.int64), "k_at"),
+             numpy_helper.from_array(np.array([[-1]], dtype=np.int64), "v_at")]
+    inits += [numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in ints.items()]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wqkv"], ["qkv"]),
+        helper.make_node("Reshape", ["qkv", "split_shape"], ["qkv3"]),
+        helper.make_node("Transpose", ["qkv3"], ["heads_first"], perm=[1, 0, 2]),  # [h + 2, seq, d]
+        helper.make_node("Slice", ["heads_first", "zero", "h", "zero"], ["q"]),
+        helper.make_node("GatherND", ["heads_first", "k_at"], ["k"], name="k_pick"),
+        helper.make_node("GatherND", ["heads_first", "v_at"], ["v"], name="v_pick"),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["ctx"]),
+        helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[1, 0, 2]),
+        helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["merged"]),
+        helper.make_node("MatMul", ["merged", "wo"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "mqa_nd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, width])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert [s.size for s in api.analyze(proto).prunable if s.kind == "head"] == [h]
+    result = check_model(proto, {"x": rng.standard_normal((1, seq, width)).astype(np.float32)}, ratio=0.5)
+    assert result["removed"] >= 2

@@ -72,11 +72,17 @@ def over_axis(node: ir.Node, g: DimGraph) -> None:
 
 @rule("Gather")
 def gather(node: ir.Node, g: DimGraph) -> None:
-    data, indices = node.inputs
+    indices = node.inputs[1]
     x = g.operand(node, 0)
     axis = norm_axis(attr(node, "axis", 0), len(x))
-    y = g.axes(node.outputs[0])
     idx_rank = len(g.const(indices).shape) if g.const(indices) is not None else len(g.axes(indices))
+    _gather_along(node, g, x, axis, idx_rank)
+
+
+def _gather_along(node: ir.Node, g: DimGraph, x: list[Expr], axis: int, idx_rank: int) -> None:
+    """Gather's relations: the axes before and after ``axis`` pass through, ``axis`` is indexed."""
+    data, indices = node.inputs
+    y = g.axes(node.outputs[0])
     if not (g.is_param(indices) and not g.is_param(data) and _pin_picked(node, g, x[axis])):
         g.block(x[axis], f"gathered along by {where(node)}")
     tie_all(g, x[:axis], y[:axis])
@@ -132,6 +138,12 @@ def gather_elements(node: ir.Node, g: DimGraph) -> None:
     Exporters use GatherElements on constant buffers (BERT's token-type ids); blocking every axis it
     touches is exact and keeps the node out of the declined list.
     """
+    indices = g.const(node.inputs[1])
+    if (node.op_type == "GatherND" and attr(node, "batch_dims", 0) == 0 and indices is not None
+            and indices.ndim >= 1 and indices.shape[-1] == 1 and not g.is_param(node.inputs[0])):
+        # data[indices[..., 0]]: a Gather along the first axis (dynamo writes x[[-2]] this way).
+        _gather_along(node, g, g.axes(node.inputs[0]), 0, indices.ndim - 1)
+        return
     reason = f"indexed element-wise by {where(node)}"
     for value in [*node.inputs, *node.outputs]:
         if value is not None and not g.is_param(value) and value.shape is not None:
