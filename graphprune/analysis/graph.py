@@ -46,8 +46,9 @@ class DimGraph:
     params: dict[tuple[ir.Node, int], ParamUse] = field(default_factory=dict)
     hooks: list[tuple[ir.Node, RewriteHook]] = field(default_factory=list)
     declined: list[tuple[ir.Node, str]] = field(default_factory=list)
-    # MatMuls between two activations (attention scores and mixing): their batch axes are heads.
-    activation_matmuls: list[ir.Node] = field(default_factory=list)
+    # MatMuls between two activations (attention scores and mixing), with the free axis of their
+    # second operand: their batch axes are heads, and that axis of P·V is the per-head value width.
+    activation_matmuls: list[tuple[ir.Node, Expr]] = field(default_factory=list)
     # Axes an Expand creates from an extent of 1 (the repeat of grouped-query attention, masks).
     broadcasts: list[Expr] = field(default_factory=list)
     # Graph inputs and outputs whose axes pruning may shrink (KV caches): (value, axis).

@@ -36,7 +36,7 @@ def classify_heads(g: DimGraph) -> None:
         if var.kind == "channel" or KIND_RANK.get(kind, 9) < KIND_RANK.get(var.kind, 9):
             var.kind = kind
 
-    for node in g.activation_matmuls:
+    for node, free in g.activation_matmuls:
         y = g.axes_of.get(node.outputs[0])
         if y is None:
             continue
@@ -47,11 +47,9 @@ def classify_heads(g: DimGraph) -> None:
                 if space.vars[root].kind in ("fixed", "conv-group"):
                     continue
                 mark(root, "head-repeat" if root in repeats and derived and len(atoms) > 1 else "head")
-        b = g.axes_of.get(node.inputs[1])
-        if b is not None:
-            for root in space.atoms(b[-1]):
-                if space.vars[root].kind == "channel" and not space.is_blocked(root):
-                    space.vars[root].kind = "head-dim"
+        for root in space.atoms(free):
+            if space.vars[root].kind == "channel" and not space.is_blocked(root):
+                space.vars[root].kind = "head-dim"
 
 
 # A var seen both as a repeat and as a head is a repeat; a head-dim seen as a head is a head.

@@ -30,6 +30,7 @@ from graphprune.analysis.rules.base import (
     where,
 )
 from graphprune.analysis.rules.elementwise import broadcast, unary
+from graphprune.analysis.rules.linear import matmul_relations
 from graphprune.analysis.rules.normalization import layer_norm
 
 
@@ -503,29 +504,4 @@ def fused_matmul(node: ir.Node, g: DimGraph) -> None:
     """alpha · op(A) · op(B), op transposing the last two axes when transA/transB are set."""
     if attr(node, "transBatchA", 0) or attr(node, "transBatchB", 0):
         raise Decline("transBatchA/transBatchB are not supported")
-    a_val, b_val = node.inputs[0], node.inputs[1]
-    if g.is_param(a_val) and g.is_param(b_val):
-        raise Decline("both operands are constants")
-    a, b, y = g.operand(node, 0), g.operand(node, 1), g.axes(node.outputs[0])
-    if len(a) < 2 or len(b) < 2:
-        raise Decline("1-D operands are not supported")
-    a_m, a_k = (len(a) - 1, len(a) - 2) if attr(node, "transA", 0) else (len(a) - 2, len(a) - 1)
-    b_k, b_n = (len(b) - 1, len(b) - 2) if attr(node, "transB", 0) else (len(b) - 2, len(b) - 1)
-    g.tie(a[a_k], b[b_k])
-    g.tie(a[a_m], y[-2])
-    g.tie(b[b_n], y[-1])
-    for axes in (a, b):
-        extra = axes[:-2]
-        for k, e in enumerate(extra):
-            target = y[len(y) - 2 - len(extra) + k]
-            if g.space.size(e) == g.space.size(target) and g.space.size(e) != 1:
-                g.tie(e, target)
-    if g.is_param(b_val):
-        g.set_role(node, 1, b_k, "in")
-        g.set_role(node, 1, b_n, "out")
-    elif g.is_param(a_val):
-        g.set_role(node, 0, a_k, "in")
-        g.set_role(node, 0, a_m, "out")
-    else:
-        g.block(a[a_k], f"contracted between two activations by {where(node)}")
-        g.activation_matmuls.append(node)
+    matmul_relations(node, g, trans_a=bool(attr(node, "transA", 0)), trans_b=bool(attr(node, "transB", 0)))

@@ -109,29 +109,39 @@ def gemm(node: ir.Node, g: DimGraph) -> None:
 
 @rule("MatMul")
 def matmul(node: ir.Node, g: DimGraph) -> None:
-    a_val, b_val = node.inputs
+    matmul_relations(node, g, trans_a=False, trans_b=False)
+
+
+def matmul_relations(node: ir.Node, g: DimGraph, trans_a: bool, trans_b: bool) -> None:
+    """op(A)·op(B) with numpy broadcasting of the batch axes; op transposes the last two axes.
+
+    Shared by MatMul and com.microsoft FusedMatMul. A constant operand is a weight: its contracted
+    axis reads units ("in"), its free axis produces them ("out").
+    """
+    a_val, b_val = node.inputs[0], node.inputs[1]
     if g.is_param(a_val) and g.is_param(b_val):
         raise Decline("both operands are constants")
-    a, b = g.operand(node, 0), g.operand(node, 1)
-    y = g.axes(node.outputs[0])
+    a, b, y = g.operand(node, 0), g.operand(node, 1), g.axes(node.outputs[0])
     if len(a) < 2 or len(b) < 2:
         raise Decline("1-D MatMul operands are not supported")
-    g.tie(a[-1], b[-2])
-    g.tie(a[-2], y[-2])
-    g.tie(b[-1], y[-1])
-    for operand, axes in ((0, a), (1, b)):
+    a_m, a_k = (len(a) - 1, len(a) - 2) if trans_a else (len(a) - 2, len(a) - 1)
+    b_k, b_n = (len(b) - 1, len(b) - 2) if trans_b else (len(b) - 2, len(b) - 1)
+    g.tie(a[a_k], b[b_k])
+    g.tie(a[a_m], y[-2])
+    g.tie(b[b_n], y[-1])
+    for axes in (a, b):
         extra = axes[:-2]
         for k, e in enumerate(extra):
             target = y[len(y) - 2 - len(extra) + k]
             if g.space.size(e) == g.space.size(target) and g.space.size(e) != 1:
                 g.tie(e, target)
     if g.is_param(b_val):
-        g.set_role(node, 1, len(b) - 2, "in")
-        g.set_role(node, 1, len(b) - 1, "out")
+        g.set_role(node, 1, b_k, "in")
+        g.set_role(node, 1, b_n, "out")
     elif g.is_param(a_val):
-        g.set_role(node, 0, len(a) - 1, "in")
-        g.set_role(node, 0, len(a) - 2, "out")
+        g.set_role(node, 0, a_k, "in")
+        g.set_role(node, 0, a_m, "out")
     else:
         # Contracted between two activations: removing units there is not a masking of weights.
-        g.block(a[-1], f"contracted between two activations by {where(node)}")
-        g.activation_matmuls.append(node)
+        g.block(a[a_k], f"contracted between two activations by {where(node)}")
+        g.activation_matmuls.append((node, b[b_n]))
