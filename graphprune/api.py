@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from graphprune.analysis import build_dim_graph
 from graphprune.analysis.groups import DEFAULT_KINDS, UNIT_KINDS, find_groups
+from graphprune.calibration import load_calibration, model_inputs
 from graphprune.errors import GraphpruneError
 from graphprune.io import load_model, prepare, publish, write_model
 from graphprune.latency import dense_vs_pruned
@@ -102,6 +103,10 @@ def optimize(
     external_data: bool | None = None,
     latency_rounds: int = 0,
     progress: Progress | None = None,
+    calib: str | os.PathLike | None = None,
+    compensate: bool | None = None,
+    calib_batches: int | None = None,
+    calib_batch_size: int = 8,
 ) -> OptimizeResult:
     """Prune channels, verify against the original, and (if ``output`` is given) save atomically.
 
@@ -109,6 +114,9 @@ def optimize(
     ``external_data``: keep weights in ``<output>.data`` (default: only for models over 1 GB).
     ``latency_rounds``: time dense vs pruned on ONNX Runtime CPU, interleaved (0: skip).
     ``progress``: called with a step's description, returns a context manager around the step.
+    ``calib``: calibration data (calibration.load_calibration: .npz/.npy file, folder, or a named set such
+    as "photos"), read by the activation criteria (wanda-sp, flap, act-norm) and by ``compensate``
+    (FLAP bias compensation; on by default when ``calib`` is given). ``calib_batches`` caps the batches.
     """
     if not 0.0 <= ratio < 1.0:
         raise GraphpruneError(f"--ratio must be in [0, 1): got {ratio}.")
@@ -118,6 +126,11 @@ def optimize(
     if unknown or not units:
         raise GraphpruneError(f"--units: unknown unit kind '{unknown[0] if unknown else ''}'; "
                               f"choose from {', '.join(UNIT_KINDS)}.")
+    if compensate and calib is None:
+        raise GraphpruneError("--compensate needs calibration data: give --calib as well.")
+    if calib_batches is not None and calib_batches < 1:
+        raise GraphpruneError(f"--calib-batches must be 1 or more: got {calib_batches}.")
+    compensate = calib is not None if compensate is None else compensate
     _check_output(model, output)
     step = progress or (lambda _: nullcontext())
     with step("Loading"):
@@ -129,9 +142,14 @@ def optimize(
                              else original.ByteSize())
     config = PruneChannelsConfig(ratio=ratio, criterion=criterion, global_rank=global_rank, round_to=round_to,
                                  exclude=tuple(exclude), max_group_ratio=max_group_ratio, seed=seed,
-                                 kinds=tuple(units))
+                                 kinds=tuple(units), compensate=compensate)
+    if calib is not None:
+        names, ranks, dtypes = model_inputs(loaded)
+        config.calibration = load_calibration(calib, names, calib_batch_size, ranks=ranks, dtypes=dtypes,
+                                              max_batches=calib_batches)
     pruning = PruneChannelsPass(config)
-    with step("Analysing and pruning"):
+    with step("Collecting activation statistics, analysing and pruning" if calib is not None
+              else "Analysing and pruning"):
         pruning(loaded)
     if not any(group.prunable for group in pruning.groups):
         reasons = sorted({group.why_not for group in pruning.groups})[:3] or ["no weight groups"]
@@ -158,6 +176,9 @@ def optimize(
         if output is not None:
             publish(staged, Path(output))
     settings = {"model": label, "ratio": ratio, "criterion": criterion, "global": global_rank,
-                "round_to": round_to, "exclude": list(exclude), "units": list(units), "seed": seed}
+                "round_to": round_to, "exclude": list(exclude), "units": list(units), "seed": seed,
+                "calib": None if calib is None else os.fspath(calib), "compensate": compensate,
+                "criteria_used": sorted({d.criterion for d in pruning.plan.decisions if d.criterion}),
+                "compensation": pruning.compensation.to_dict() if pruning.compensation else None}
     return OptimizeResult(loaded, pruning.plan, pruning.summaries, before, after, report, speed, settings,
                           pruning.resized)

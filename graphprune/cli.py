@@ -258,16 +258,29 @@ def analyze(model: Path, as_json: bool) -> None:
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time dense vs pruned with ONNX Runtime on CPU.")
+@click.option("--calib", metavar="SPEC",
+              help="Calibration data: an .npz (arrays keyed by input name) or .npy file, a folder of them, "
+                   "or a named set (photos). Read by wanda-sp, flap, act-norm and --compensate.")
+@click.option("--compensate/--no-compensate", default=None,
+              help="FLAP bias compensation: push the removed channels' calibration mean into the consumers' "
+                   "biases. [default: on with --calib]")
+@click.option("--calib-batches", type=int, default=None, help="Use at most this many calibration batches.")
+@click.option("--calib-batch-size", type=int, default=DEFAULTS["calib_batch_size"], show_default=True,
+              help="Samples per calibration batch.")
 def optimize(model: Path, output: Path, ratio: float, criterion: str, global_rank: bool,
              max_group_ratio: float, round_to: int, units: str, exclude: tuple[str, ...],
              input_shapes: tuple[str, ...],
-             samples: int, seed: int, report_path: Path | None, latency: bool) -> None:
+             samples: int, seed: int, report_path: Path | None, latency: bool, calib: str | None,
+             compensate: bool | None, calib_batches: int | None, calib_batch_size: int) -> None:
     """Prune MODEL, verify it against the original, write OUTPUT."""
     _check_range("--ratio", ratio, 0.0, 1.0, high_open=True)
     if not 0.0 < max_group_ratio <= 1.0:
         raise GraphpruneError(f"--max-group-ratio must be in (0, 1]: got {max_group_ratio:g}.")
     _check_at_least("--round-to", round_to, 1)
     _check_at_least("--samples", samples, 1)
+    _check_at_least("--calib-batch-size", calib_batch_size, 1)
+    if calib_batches is not None:
+        _check_at_least("--calib-batches", calib_batches, 1)
     shapes = parse_shape_overrides(input_shapes) or None
     _check_destination(output, "--output", model)
     if report_path is not None:
@@ -279,7 +292,8 @@ def optimize(model: Path, output: Path, ratio: float, criterion: str, global_ran
                           round_to=round_to, exclude=exclude, max_group_ratio=max_group_ratio, seed=seed,
                           units=tuple(u.strip() for u in units.split(",") if u.strip()),
                           input_shapes=shapes, samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0,
-                          progress=_step)
+                          progress=_step, calib=calib, compensate=compensate, calib_batches=calib_batches,
+                          calib_batch_size=calib_batch_size)
     speed = result.latency
     if report_path is not None:
         write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
@@ -293,6 +307,15 @@ def _print_result(result: api.OptimizeResult, speed: dict[str, Any] | None, outp
     out.print(comparison_table(result.before, result.after, speed))
     if result.verification is not None:
         out.print(fidelity_table(result.verification))
+    used = result.settings.get("criteria_used", [])
+    asked = result.settings.get("criterion")
+    if any(c != asked for c in used):
+        hint = "." if result.settings.get("calib") else " (give --calib for the activation-aware form)."
+        out.print(f"[yellow]note:[/] criterion {asked} used as: {', '.join(used)}{hint}")
+    compensation = result.settings.get("compensation")
+    if compensation:
+        out.print(f"Bias compensation: {compensation['compensated']} consumer(s) compensated, "
+                  f"{len(compensation['skipped'])} skipped.")
     for change in result.resized:
         out.print(f"[yellow]note:[/] {change['value']} axis {change['axis']} shrinks from {change['before']} "
                   f"to {change['after']}: allocate the smaller cache when calling the pruned model.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,7 +74,8 @@ def excluded(group: Group, patterns: tuple[str, ...]) -> str:
     return ""
 
 
-def make_plan(g: DimGraph, groups: list[Group], config: PlanConfig) -> PrunePlan:
+def make_plan(g: DimGraph, groups: list[Group], config: PlanConfig, stats: Mapping | None = None) -> PrunePlan:
+    """``stats``: calibration statistics for the activation-aware criteria (calibration.collect_stats)."""
     rng = np.random.default_rng(config.seed)
     decisions = [GroupDecision(group) for group in groups]
     candidates: list[tuple[GroupDecision, np.ndarray]] = []
@@ -87,7 +89,7 @@ def make_plan(g: DimGraph, groups: list[Group], config: PlanConfig) -> PrunePlan
             d.skipped = excluded(group, config.exclude)
         if d.skipped:
             continue
-        scores, d.criterion = score_group(g, group, config.criterion, rng)
+        scores, d.criterion = score_group(g, group, config.criterion, rng, stats)
         candidates.append((d, scores))
     if config.global_rank:
         counts = _global_counts(candidates, config)

@@ -7,12 +7,16 @@ both by default; prune-heads removes heads only.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
 from graphprune.analysis import build_dim_graph
 from graphprune.analysis.groups import Group, find_groups
+from graphprune.calibration import collect_stats
+from graphprune.compensate import CompensationReport, compensate_bias
+from graphprune.criteria import ACTIVATION_CRITERIA, stats_requests
 from graphprune.plan import PlanConfig, PrunePlan, make_plan
 from graphprune.report import GroupSummary, summarise_groups
 from graphprune.rewrite import apply_removal, interface_changes
@@ -20,7 +24,16 @@ from graphprune.rewrite import apply_removal, interface_changes
 
 @dataclass
 class PruneChannelsConfig(PlanConfig):
-    """Options of the pass; see PlanConfig for the budget and constraints."""
+    """Options of the pass; see PlanConfig for the budget and constraints.
+
+    ``calibration``: re-iterable feed dicts (calibration.load_calibration); with it, activation
+    statistics are collected for the activation criteria and for ``compensate`` (FLAP bias
+    compensation of every consumer, compensate.py). ``progress`` is called with batches done.
+    """
+
+    calibration: Iterable | None = None
+    compensate: bool = False
+    progress: Callable[[int], None] | None = None
 
 
 class PruneChannelsPass(ir.passes.InPlacePass):
@@ -35,14 +48,26 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         self.declined: list[tuple[ir.Node, str]] = []
         # Graph inputs/outputs (KV caches) that shrank: the caller must allocate them smaller.
         self.resized: list[dict] = []
+        self.stats: dict | None = None
+        self.compensation: CompensationReport | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = build_dim_graph(model)
         self.groups = find_groups(g)
         self.declined = g.declined
-        self.plan = make_plan(g, self.groups, self.config)
+        config = self.config
+        # A plain PlanConfig works too: no calibration, no compensation.
+        calibration = getattr(config, "calibration", None)
+        compensate = getattr(config, "compensate", False)
+        if calibration is not None and (config.criterion in ACTIVATION_CRITERIA or compensate):
+            pruned = [gr for gr in self.groups if gr.prunable and gr.kind in config.kinds]
+            self.stats = collect_stats(model, stats_requests(g, pruned), calibration,
+                                       progress=getattr(config, "progress", None))
+        self.plan = make_plan(g, self.groups, config, stats=self.stats)
         self.summaries = summarise_groups(g, self.groups, self.plan)  # shares of the unpruned model
         self.resized = interface_changes(g, self.plan.removed)
+        if compensate and self.stats is not None:
+            self.compensation = compensate_bias(g, self.plan, self.stats)
         apply_removal(g, self.plan.removed)
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))
 

@@ -186,3 +186,26 @@ def test_analyze_bad_input_is_one_line_exit_2(case, resnet, tmp_path):
     assert result.stdout == ""
     assert result.stderr.startswith("error: ") and named in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_optimize_with_calibration_data(resnet, tmp_path):
+    from graphprune.models.zoo import sample_input
+
+    sample = sample_input("resnet_basic")
+    np.savez(tmp_path / "calib.npz", input=np.concatenate([sample, -sample, 0.5 * sample]))
+    out, report = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    result = invoke("optimize", resnet, "-o", out, "--ratio", 0.3, "--no-latency", "--criterion", "flap", "--round-to", 1,
+                    "--calib", tmp_path / "calib.npz", "--calib-batch-size", 2, "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "Bias compensation:" in result.stdout
+    settings = json.loads(report.read_text())["settings"]
+    assert settings["criteria_used"] == ["flap"] and settings["compensate"] is True
+    assert settings["compensation"]["compensated"] > 0
+    # Without data the criterion falls back and says so; compensation without data is refused.
+    result = invoke("optimize", resnet, "-o", out, "--ratio", 0.3, "--no-latency", "--criterion", "wanda-sp")
+    assert result.exit_code == 0, result.output
+    assert "wanda-sp/data-free" in result.stdout
+    result = invoke("optimize", resnet, "-o", out, "--ratio", 0.3, "--compensate")
+    assert result.exit_code == 2 and "--compensate needs calibration data" in result.output
+    result = invoke("optimize", resnet, "-o", out, "--ratio", 0.3, "--calib", tmp_path / "nope.npz")
+    assert result.exit_code == 2 and "nope.npz" in result.output

@@ -1,0 +1,317 @@
+"""Calibration data and per-channel activation statistics over it (ONNX Runtime, streamed, bounded memory).
+
+A calibration spec is one of:
+
+- an ``.npz`` file: one array per model input, keyed by the input's name, samples along axis 0;
+- an ``.npy`` file: the samples of a single-input model;
+- a folder: every ``.npz``/``.npy`` in it, in name order, read one file at a time;
+- a named dataset of the registry (``DATASETS``), e.g. ``photos``.
+
+Batches are re-chunked to ``batch_size`` samples across file boundaries; a folder is never loaded whole
+(``.npy`` files are memory-mapped, ``.npz`` members read one by one).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphprune.errors import GraphpruneError
+from graphprune.runtime import make_session, run_session
+
+Feeds = dict[str, np.ndarray]
+EXTENSIONS = (".npz", ".npy")
+
+
+# ---------- named datasets ----------------------------------------------------------------------
+
+
+def _photos(part: str) -> Callable[[Sequence[str], int], Iterator[Feeds]]:
+    """ImageNet-normalised 224x224 photo crops (models/photos.py); parts split by photo, not by crop.
+
+    ``calib``: the photos at even positions of the sorted photo list (all their views), ``eval``: the odd
+    ones, ``all``: every crop. Views of one photo never fall on both sides of the split.
+    """
+
+    def batches(input_names: Sequence[str], batch_size: int) -> Iterator[Feeds]:
+        try:
+            from graphprune.models.photos import VIEWS, imagenet_batch
+        except ImportError as exc:  # scikit-image is a dev dependency
+            raise GraphpruneError(f"the 'photos' calibration set needs scikit-image ({exc}).") from exc
+        if len(input_names) != 1:
+            raise GraphpruneError(f"the 'photos' calibration set feeds a single image input; the model has "
+                                  f"{len(input_names)} inputs ({', '.join(input_names)}).")
+        rows = photo_rows(part, len(VIEWS))
+        images = imagenet_batch(224, VIEWS)[rows]
+        for start in range(0, len(images), batch_size):
+            yield {input_names[0]: images[start : start + batch_size]}
+
+    return batches
+
+
+def photo_rows(part: str, views: int) -> np.ndarray:
+    """Row indices of models.photos.imagenet_batch belonging to one part of the photo split."""
+    from graphprune.models.photos import load_photos
+
+    photos = len(load_photos())
+    photo = np.repeat(np.arange(photos), views)
+    if part == "all":
+        return np.arange(len(photo))
+    return np.flatnonzero(photo % 2 == (0 if part == "calib" else 1))
+
+
+DATASETS: dict[str, Callable[[Sequence[str], int], Iterator[Feeds]]] = {
+    "photos": _photos("all"),
+    "photos-calib": _photos("calib"),
+    "photos-eval": _photos("eval"),
+}
+
+
+# ---------- files and folders ----------------------------------------------------------------------
+
+
+@dataclass
+class CalibrationSet:
+    """A re-iterable stream of feed dicts; files are opened and checked when iterated."""
+
+    spec: str
+    input_names: tuple[str, ...]
+    batch_size: int
+    ranks: Mapping[str, int] | None = None
+    dtypes: Mapping[str, np.dtype] | None = None
+    max_batches: int | None = None
+
+    def __iter__(self) -> Iterator[Feeds]:
+        source = DATASETS[self.spec](self.input_names, self.batch_size) if self.spec in DATASETS \
+            else _rechunk(self._file_samples(), self.batch_size)
+        for count, feeds in enumerate(source):
+            if self.max_batches is not None and count >= self.max_batches:
+                return
+            yield {name: self._cast(name, array) for name, array in feeds.items()}
+
+    def files(self) -> list[Path]:
+        path = Path(self.spec)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in EXTENSIONS and p.is_file())
+            if not found:
+                raise GraphpruneError(f"--calib {path}: the folder holds no .npz or .npy files.")
+            return found
+        return [path]
+
+    def _file_samples(self) -> Iterator[tuple[Path, Feeds]]:
+        for path in self.files():
+            yield path, self._read(path)
+
+    def _read(self, path: Path) -> Feeds:
+        try:
+            data = np.load(path, mmap_mode="r" if path.suffix == ".npy" else None, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise GraphpruneError(f"--calib {path}: cannot be read as a NumPy file ({exc}).") from exc
+        if path.suffix == ".npy":
+            if len(self.input_names) != 1:
+                raise GraphpruneError(f"--calib {path}: a .npy file only fits a single-input model; this one "
+                                      f"has inputs {', '.join(self.input_names)}: use an .npz keyed by input "
+                                      "name.")
+            feeds = {self.input_names[0]: data}
+        else:
+            missing = [name for name in self.input_names if name not in data.files]
+            if missing:
+                have = ", ".join(data.files) or "none"
+                raise GraphpruneError(f"--calib {path}: no array for input(s) {', '.join(missing)} (the file "
+                                      f"has {have}); key the arrays by input name.")
+            feeds = {name: data[name] for name in self.input_names}
+        lengths = set()
+        for name, array in feeds.items():
+            rank = (self.ranks or {}).get(name)
+            if rank is not None and array.ndim != rank:
+                raise GraphpruneError(f"--calib {path}: input '{name}' has rank {array.ndim} (shape "
+                                      f"{list(array.shape)}) but the model expects rank {rank}, samples on "
+                                      "axis 0.")
+            if array.ndim == 0:
+                raise GraphpruneError(f"--calib {path}: input '{name}' is a scalar; put samples on axis 0.")
+            lengths.add(array.shape[0])
+        if len(lengths) > 1:
+            raise GraphpruneError(f"--calib {path}: the inputs hold different sample counts "
+                                  f"{sorted(lengths)}.")
+        return feeds
+
+    def _cast(self, name: str, array: np.ndarray) -> np.ndarray:
+        dtype = (self.dtypes or {}).get(name)
+        array = np.asarray(array)
+        return np.ascontiguousarray(array if dtype is None else array.astype(dtype, copy=False))
+
+
+def _rechunk(files: Iterator[tuple[Path, Feeds]], batch_size: int) -> Iterator[Feeds]:
+    """Batches of exactly batch_size samples (the last may be smaller), across file boundaries."""
+    pending: list[Feeds] = []
+    held = 0
+    for _path, feeds in files:
+        total = next(iter(feeds.values())).shape[0]
+        start = 0
+        while start < total:
+            take = min(batch_size - held, total - start)
+            pending.append({name: np.asarray(a[start : start + take]) for name, a in feeds.items()})
+            held += take
+            start += take
+            if held == batch_size:
+                yield _join(pending)
+                pending, held = [], 0
+    if held:
+        yield _join(pending)
+
+
+def _join(parts: list[Feeds]) -> Feeds:
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def load_calibration(spec: str | os.PathLike, input_names: Sequence[str], batch_size: int = 8, *,
+                     ranks: Mapping[str, int] | None = None, dtypes: Mapping[str, np.dtype] | None = None,
+                     max_batches: int | None = None) -> CalibrationSet:
+    """A re-iterable stream of feed dicts for ``input_names``; checks the spec exists now, contents later."""
+    if batch_size < 1:
+        raise GraphpruneError(f"--calib batch size must be 1 or more: got {batch_size}.")
+    text = os.fspath(spec)
+    if text not in DATASETS:
+        path = Path(text)
+        if not path.exists():
+            raise GraphpruneError(f"--calib {text}: no such file or folder, and not a named dataset "
+                                  f"({', '.join(DATASETS)}).")
+        if path.is_file() and path.suffix not in EXTENSIONS:
+            raise GraphpruneError(f"--calib {text}: not an .npz or .npy file.")
+    calib = CalibrationSet(text, tuple(input_names), batch_size, ranks, dtypes, max_batches)
+    if text not in DATASETS:
+        calib.files()  # an empty folder fails now
+    return calib
+
+
+def model_inputs(model: ir.Model) -> tuple[list[str], dict[str, int], dict[str, np.dtype]]:
+    """Names, ranks and dtypes of a model's (non-initializer) inputs, for load_calibration."""
+    names, ranks, dtypes = [], {}, {}
+    for value in model.graph.inputs:
+        if value.const_value is not None:
+            continue
+        names.append(value.name)
+        if value.shape is not None:
+            ranks[value.name] = len(value.shape)
+        if value.dtype is not None:
+            dtypes[value.name] = np.dtype(value.dtype.numpy())
+    return names, ranks, dtypes
+
+
+# ---------- activation statistics ----------------------------------------------------------------
+
+
+@dataclass
+class ChannelStats:
+    """Per channel along one axis, accumulated over every other axis and every batch (float64)."""
+
+    count: int
+    total: np.ndarray
+    sq_norm: np.ndarray  # sum of squares
+    max_abs: np.ndarray
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def var(self) -> np.ndarray:
+        """Population variance; sums are float64, so cancellation only matters for |mean| >> std."""
+        mean = self.mean
+        return np.maximum(self.sq_norm / max(self.count, 1) - mean * mean, 0.0)
+
+    @property
+    def norm(self) -> np.ndarray:
+        return np.sqrt(self.sq_norm)
+
+    def add(self, array: np.ndarray, axis: int) -> None:
+        rows = np.moveaxis(np.asarray(array, dtype=np.float64), axis, -1).reshape(-1, array.shape[axis])
+        self.count += rows.shape[0]
+        self.total += rows.sum(0)
+        self.sq_norm += np.einsum("ij,ij->j", rows, rows)
+        if rows.shape[0]:
+            self.max_abs = np.maximum(self.max_abs, np.abs(rows).max(0))
+
+    @classmethod
+    def empty(cls, channels: int) -> ChannelStats:
+        return cls(0, np.zeros(channels), np.zeros(channels), np.zeros(channels))
+
+
+StatsKey = tuple[str, int]
+
+
+def collect_stats(model: ir.Model, requests: Sequence[StatsKey], batches, *,
+                  progress: Callable[[int], None] | None = None) -> dict[StatsKey, ChannelStats]:
+    """Channel statistics of the requested (value name, axis) pairs over every calibration batch.
+
+    A copy of the model gets the requested values as extra graph outputs and runs on ONNX Runtime
+    (CPU), batch by batch; only the running sums are kept. ``progress`` is called with the number of
+    batches done.
+    """
+    requests = list(dict.fromkeys(requests))
+    if not requests:
+        return {}
+    proto = ir.to_proto(model)
+    inputs = {v.name for v in model.graph.inputs}
+    declared = {o.name for o in proto.graph.output}
+    values = _values_by_name(model)
+    for name, _axis in requests:
+        if name in inputs or name in declared:
+            continue
+        value = values.get(name)
+        if value is None:
+            raise GraphpruneError(f"no value named '{name}' in the model to collect statistics on.")
+        elem = value.dtype.value if value.dtype is not None else onnx.TensorProto.FLOAT
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+        declared.add(name)
+    session = make_session(proto, optimization="basic", label="the model with statistics outputs")
+    fixed = _fixed_batch(session)
+    stats: dict[StatsKey, ChannelStats] = {}
+    done = 0
+    for feeds in batches:
+        for chunk in _split(feeds, fixed):
+            outputs = run_session(session, chunk, "the model on calibration data")
+            for name, axis in requests:
+                array = chunk[name] if name in chunk else outputs[name]
+                if (name, axis) not in stats:
+                    stats[(name, axis)] = ChannelStats.empty(array.shape[axis])
+                elif stats[(name, axis)].total.shape[0] != array.shape[axis]:
+                    raise GraphpruneError(f"'{name}' changes its axis-{axis} extent between calibration "
+                                          "batches; statistics need a fixed channel count.")
+                stats[(name, axis)].add(array, axis)
+        done += 1
+        if progress is not None:
+            progress(done)
+    if not done:
+        raise GraphpruneError("the calibration data holds no samples.")
+    return stats
+
+
+def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
+    found: dict[str, ir.Value] = {}
+    for node in model.graph:
+        for value in node.outputs:
+            if value.name:
+                found[value.name] = value
+    return found
+
+
+def _fixed_batch(session) -> int | None:
+    sizes = {i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    return next(iter(sizes)) if len(sizes) == 1 else None
+
+
+def _split(feeds: Feeds, fixed: int | None) -> Iterator[Feeds]:
+    """Runs of the model's fixed batch size (a trailing partial run is dropped), or the batch whole."""
+    n = next(iter(feeds.values())).shape[0]
+    if fixed is None or fixed == n:
+        yield feeds
+        return
+    for start in range(0, n - fixed + 1, fixed):
+        yield {name: array[start : start + fixed] for name, array in feeds.items()}

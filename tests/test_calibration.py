@@ -1,0 +1,219 @@
+"""Calibration data, activation statistics, activation-aware criteria and FLAP bias compensation."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from oracle import assert_close, load, run
+
+from graphprune.analysis import build_dim_graph
+from graphprune.analysis.groups import find_groups
+from graphprune.calibration import ChannelStats, collect_stats, load_calibration
+from graphprune.criteria import score_group, stats_requests
+from graphprune.errors import GraphpruneError
+from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass
+
+DEAD = [1, 4, 6]  # planted units of the hidden layer
+HIDDEN = 8
+
+
+def _model(kind: str, seed: int = 0, dead_bias: float = 0.7) -> onnx.ModelProto:
+    """x -> layer 1 (HIDDEN units; DEAD ones have zero weights and a positive bias) -> Relu -> layer 2.
+
+    The DEAD units are constant (= dead_bias) on every input: removing them with bias compensation is
+    exact, without it the outputs shift by layer 2's weights times that constant.
+    """
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array, dtype=np.float32), name))
+        return name
+
+    if kind == "conv":
+        w1 = rng.normal(size=(HIDDEN, 3, 3, 3))
+        w1[DEAD] = 0
+        b1 = rng.normal(size=HIDDEN)
+        b1[DEAD] = dead_bias
+        nodes += [helper.make_node("Conv", ["x", const("w1", w1), const("b1", b1)], ["h"], pads=[1, 1, 1, 1],
+                                   name="conv1"),
+                  helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                  helper.make_node("Conv", ["r", const("w2", rng.normal(size=(4, HIDDEN, 1, 1)))], ["y"],
+                                   name="conv2")]
+        x_shape, y_shape = ["n", 3, 5, 5], ["n", 4, 5, 5]
+    elif kind == "gemm":
+        w1 = rng.normal(size=(HIDDEN, 3))
+        w1[DEAD] = 0
+        b1 = rng.normal(size=HIDDEN)
+        b1[DEAD] = dead_bias
+        nodes += [helper.make_node("Gemm", ["x", const("w1", w1), const("b1", b1)], ["h"], transB=1,
+                                   name="fc1"),
+                  helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                  helper.make_node("Gemm", ["r", const("w2", rng.normal(size=(HIDDEN, 4)))], ["y"], alpha=0.5,
+                                   name="fc2")]
+        x_shape, y_shape = ["n", 3], ["n", 4]
+    else:  # matmul + add
+        w1 = rng.normal(size=(3, HIDDEN))
+        w1[:, DEAD] = 0
+        b1 = rng.normal(size=HIDDEN)
+        b1[DEAD] = dead_bias
+        nodes += [helper.make_node("MatMul", ["x", const("w1", w1)], ["m1"], name="mm1"),
+                  helper.make_node("Add", ["m1", const("b1", b1)], ["h"], name="add1"),
+                  helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                  helper.make_node("MatMul", ["r", const("w2", rng.normal(size=(HIDDEN, 4)))], ["m2"],
+                                   name="mm2"),
+                  helper.make_node("Add", ["m2", const("b2", rng.normal(size=4))], ["y"], name="add2")]
+        x_shape, y_shape = ["n", 2, 3], ["n", 2, 4]
+    graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _batches(proto, count=3, size=4, seed=1):
+    shape = [size if isinstance(d, str) else d for d in
+             [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]]
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=shape).astype(np.float32)} for _ in range(count)]
+
+
+def _prune(proto, **options):
+    model = load(proto)
+    pruning = PruneChannelsPass(PruneChannelsConfig(round_to=1, ratio=len(DEAD) / HIDDEN, **options))
+    pruning(model)
+    import onnx_ir as ir
+
+    return ir.to_proto(model), pruning
+
+
+# ---------- loading ----------------------------------------------------------------------------
+
+
+def test_npz_npy_folder_rechunk(tmp_path):
+    a, b = np.arange(30, dtype=np.float64).reshape(5, 3, 2), np.ones((4, 3, 2))
+    np.savez(tmp_path / "one.npz", x=a, other=np.zeros(1))
+    np.save(tmp_path / "two.npy", b)
+    batches = list(load_calibration(tmp_path, ["x"], 4, ranks={"x": 3}, dtypes={"x": np.float32}))
+    assert [f["x"].shape[0] for f in batches] == [4, 4, 1]
+    assert batches[0]["x"].dtype == np.float32
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in batches]), np.concatenate([a, b]))
+    assert len(list(load_calibration(tmp_path / "one.npz", ["x"], 2, max_batches=2))) == 2
+    assert len(list(load_calibration(tmp_path / "two.npy", ["x"], 10))) == 1
+
+
+def test_named_dataset_photos():
+    pytest.importorskip("skimage")
+    calib = list(load_calibration("photos-calib", ["input"], 16, max_batches=1))
+    assert calib[0]["input"].shape == (16, 3, 224, 224)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "no such file"),
+    (lambda d: np.savez(d / "c.npz", y=np.zeros((2, 3))), "no array for input(s) x"),
+    (lambda d: np.savez(d / "c.npz", x=np.zeros((2, 3, 4))), "rank 3"),
+    (lambda d: np.save(d / "c.npy", np.zeros((2, 3))), "single-input"),
+    (lambda d: (d / "c.npz").write_bytes(b"garbage"), "cannot be read"),
+])
+def test_bad_calibration_names_the_file(tmp_path, setup, message):
+    setup(tmp_path)
+    names = ["x", "mask"] if message == "single-input" else ["x"]
+    found = sorted(tmp_path.iterdir())
+    spec = found[0] if found else tmp_path / "missing.npz"
+    with pytest.raises(GraphpruneError, match="missing|c.np") as err:
+        list(load_calibration(spec, names, 2, ranks={"x": 2}))
+    assert message in str(err.value)
+
+
+def test_empty_folder_fails(tmp_path):
+    with pytest.raises(GraphpruneError, match="no .npz or .npy"):
+        load_calibration(tmp_path, ["x"], 2)
+
+
+# ---------- statistics ---------------------------------------------------------------------------
+
+
+def test_stats_match_numpy():
+    proto = _model("conv")
+    batches = _batches(proto)
+    model = load(proto)
+    stats = collect_stats(model, [("r", 1), ("x", 1), ("y", 0)], batches)
+    with_r = onnx.helper.make_model(_with_output(proto, "r"), opset_imports=proto.opset_import)
+    r = np.concatenate([run(with_r, f)[1] for f in batches])
+    rows = np.moveaxis(r, 1, -1).reshape(-1, HIDDEN).astype(np.float64)
+    s = stats[("r", 1)]
+    assert s.count == rows.shape[0]
+    np.testing.assert_allclose(s.mean, rows.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(s.var, rows.var(0), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(s.sq_norm, (rows**2).sum(0), rtol=1e-6)
+    np.testing.assert_allclose(s.max_abs, np.abs(rows).max(0), rtol=1e-6)
+    assert np.all(s.var[DEAD] < 1e-9)
+    x = np.concatenate([f["x"] for f in batches])
+    np.testing.assert_allclose(stats[("x", 1)].mean, x.mean((0, 2, 3)), rtol=1e-5)
+    assert stats[("y", 0)].count == 3 * 4 * 5 * 5 and len(stats[("y", 0)].mean) == 4
+
+
+def _with_output(proto, name):
+    graph = onnx.GraphProto()
+    graph.CopyFrom(proto.graph)
+    graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return graph
+
+
+def test_channel_stats_are_stable_far_from_zero():
+    s = ChannelStats.empty(1)
+    rows = 1e4 + np.random.default_rng(0).normal(size=(1000, 1))
+    for chunk in np.split(rows, 10):
+        s.add(chunk, 1)
+    np.testing.assert_allclose(s.var, rows.var(0), rtol=1e-6)
+
+
+# ---------- criteria -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("criterion", ["wanda-sp", "flap", "act-norm"])
+@pytest.mark.parametrize("plant", ["zero-activation", "zero-weights"])
+def test_planted_units_score_lowest(criterion, plant):
+    # zero-activation: the DEAD units are 0 after the Relu (bias 0); zero-weights: layer 2 never reads them.
+    proto = _model("conv", dead_bias=0.0 if plant == "zero-activation" else 0.7)
+    if plant == "zero-weights":
+        w2 = numpy_helper.to_array(proto.graph.initializer[2]).copy()
+        w2[:, DEAD] = 0
+        w1 = numpy_helper.to_array(proto.graph.initializer[0]).copy()
+        w1[DEAD] = 1.0  # they are produced and vary: only the reading side is dead
+        proto.graph.initializer[2].CopyFrom(numpy_helper.from_array(w2, "w2"))
+        proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    model = load(proto)
+    g = build_dim_graph(model)
+    group = next(gr for gr in find_groups(g) if gr.prunable)
+    stats = collect_stats(model, stats_requests(g, [group]), _batches(proto))
+    scores, used = score_group(g, group, criterion, np.random.default_rng(0), stats)
+    assert used == criterion
+    assert set(np.argsort(scores, kind="stable")[: len(DEAD)]) == set(DEAD)
+    assert np.all(scores[DEAD] <= 1e-6 * scores.max())
+
+
+@pytest.mark.parametrize("criterion", ["wanda-sp", "flap", "act-norm"])
+def test_without_data_criteria_fall_back_and_say_so(criterion):
+    proto = _model("conv")
+    g = build_dim_graph(load(proto))
+    group = next(gr for gr in find_groups(g) if gr.prunable)
+    _, used = score_group(g, group, criterion, np.random.default_rng(0))
+    expected = "l2 (act-norm: no calibration data)" if criterion == "act-norm" else f"{criterion}/data-free"
+    assert used == expected
+
+
+# ---------- bias compensation oracle --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["conv", "gemm", "matmul"])
+def test_compensation_makes_removing_constant_units_exact(kind):
+    proto = _model(kind)
+    calib = _batches(proto)
+    feeds = _batches(proto, count=1, size=5, seed=7)[0]
+    expected = run(proto, feeds)
+    compensated, pruning = _prune(proto, criterion="flap", calibration=calib, compensate=True)
+    assert [sorted(units) for units in pruning.plan.removed.values()] == [DEAD]
+    assert pruning.compensation.compensated and not pruning.compensation.skipped
+    assert_close(expected, run(compensated, feeds), rtol=1e-5)
+    plain, _ = _prune(proto, criterion="flap", calibration=calib, compensate=False)
+    error = np.abs(run(plain, feeds)[0] - expected[0]).max() / np.abs(expected[0]).max()
+    assert error > 1e-2, "without compensation the constant units' removal should show"

@@ -1,0 +1,119 @@
+"""Quality without retraining on the pretrained MobileNetV2: criteria with and without bias compensation.
+
+Calibration: the crops of the photos at even positions of the sorted photo list (named set
+``photos-calib``); evaluation: the crops of the other photos (``photos-eval``), so no photo is on both
+sides. Metric: agreement with the dense model (top-1: same argmax; top-5: dense argmax within the pruned
+top 5) and the mean cosine of the logits. No ImageNet labels exist offline: this is fidelity, not accuracy.
+
+Usage: .venv/bin/python tools/quality_mobilenet_v2.py [--ratios 0.2,0.3] [--round-to 16] [--markdown TABLE.md]
+Results and their reading: docs/quality_mobilenet_v2.md.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from graphprune import api
+from graphprune.calibration import photo_rows
+from graphprune.models.imagenet_eval import run_onnx, topk_agreement
+from graphprune.models.mobilenet_v2 import export_mobilenet_v2
+from graphprune.models.photos import VIEWS, imagenet_batch
+
+SHAPES = {"input": (1, 3, 224, 224)}
+CALIB = "photos-calib"
+# (criterion, calibration data given, bias compensation)
+CONFIGS = [
+    ("l2", False, False),
+    ("l2", True, True),
+    ("flap", True, False),
+    ("flap", True, True),
+    ("wanda-sp", True, False),
+    ("wanda-sp", True, True),
+    ("act-norm", True, False),
+    ("act-norm", True, True),
+]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def measure(ratios: list[float], round_to: int) -> tuple[list[dict], int, int]:
+    dense = export_mobilenet_v2()
+    rows = photo_rows("eval", len(VIEWS))
+    batch = imagenet_batch(224, VIEWS)[rows]
+    reference = run_onnx(dense, batch)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
+        for ratio in ratios:
+            for criterion, calibrated, compensate in CONFIGS:
+                path = Path(tmp) / "pruned.onnx"
+                start = time.perf_counter()
+                result = api.optimize(dense, path, ratio=ratio, criterion=criterion, round_to=round_to,
+                                      input_shapes=SHAPES, check=False, calib=CALIB if calibrated else None,
+                                      compensate=compensate)
+                seconds = time.perf_counter() - start
+                logits = run_onnx(path, batch)
+                agreement = topk_agreement(reference, logits, (1, 5))
+                results.append({
+                    "ratio": ratio, "criterion": criterion, "compensate": compensate,
+                    "used": ", ".join(result.settings["criteria_used"]),
+                    "macs": result.after.macs / result.before.macs - 1,
+                    "params": result.after.params / result.before.params - 1,
+                    "top1": agreement["top1"], "top5": agreement["top5"], "cosine": cosine(reference, logits),
+                    "seconds": seconds,
+                })
+                print(f"ratio {ratio:g} {criterion:8s} comp={compensate!s:5s} top1 {agreement['top1']:.3f} "
+                      f"top5 {agreement['top5']:.3f} cos {results[-1]['cosine']:.4f} ({seconds:.1f} s)",
+                      file=sys.stderr)
+    return results, len(batch), len(imagenet_batch(224, VIEWS)) - len(batch)
+
+
+def markdown(results: list[dict], images: int) -> str:
+    header = (f"| ratio | MACs | params | criterion | compensation | top-1 agree ({images}) | top-5 agree | "
+              "logit cosine |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        cells = [f"{r['ratio']:g}", f"{100 * r['macs']:+.1f}%", f"{100 * r['params']:+.1f}%", r["used"],
+                 "yes" if r["compensate"] else "no", f"{100 * r['top1']:.1f}%", f"{100 * r['top5']:.1f}%",
+                 f"{r['cosine']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--ratios", default="0.2,0.3", show_default=True, help="Comma-separated pruning ratios.")
+@click.option("--round-to", type=int, default=16, show_default=True)
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the table (markdown) to this file.")
+def main(ratios: str, round_to: int, markdown_path: Path | None) -> None:
+    values = [float(r) for r in ratios.split(",") if r.strip()]
+    results, images, calib_images = measure(values, round_to)
+    table = Table(title=f"MobileNetV2 (ImageNet weights): agreement with dense on {images} held-out photo "
+                        f"crops (calibration: {calib_images} crops of other photos)")
+    for name in ("ratio", "MACs", "params", "criterion", "comp.", "top-1", "top-5", "cosine"):
+        table.add_column(name, justify="left" if name == "criterion" else "right")
+    for r in results:
+        table.add_row(f"{r['ratio']:g}", f"{100 * r['macs']:+.1f}%", f"{100 * r['params']:+.1f}%",
+                      r["used"], "yes" if r["compensate"] else "no", f"{100 * r['top1']:.1f}%",
+                      f"{100 * r['top5']:.1f}%", f"{r['cosine']:.4f}")
+    Console().print(table)
+    if markdown_path is not None:
+        machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+        markdown_path.write_text(f"<!-- generated by tools/quality_mobilenet_v2.py on {machine} -->\n"
+                                 + markdown(results, images) + "\n")
+
+
+if __name__ == "__main__":
+    main()
