@@ -267,12 +267,21 @@ def analyze(model: Path, as_json: bool) -> None:
 @click.option("--calib-batches", type=int, default=None, help="Use at most this many calibration batches.")
 @click.option("--calib-batch-size", type=int, default=DEFAULTS["calib_batch_size"], show_default=True,
               help="Samples per calibration batch.")
+@click.option("--eval", "evaluator_name", metavar="NAME",
+              help="Evaluate dense and pruned on a real model's offline data and print both: "
+                   "mobilenet_v2, minilm, ppocr_rec, magika, silero_vad.")
 def optimize(model: Path, output: Path, ratio: float, criterion: str, global_rank: bool,
              max_group_ratio: float, round_to: int, units: str, exclude: tuple[str, ...],
              input_shapes: tuple[str, ...],
              samples: int, seed: int, report_path: Path | None, latency: bool, calib: str | None,
-             compensate: bool | None, calib_batches: int | None, calib_batch_size: int) -> None:
+             compensate: bool | None, calib_batches: int | None, calib_batch_size: int,
+             evaluator_name: str | None) -> None:
     """Prune MODEL, verify it against the original, write OUTPUT."""
+    evaluator = None
+    if evaluator_name is not None:
+        from graphprune.models.evaluators import get_evaluator
+
+        evaluator = get_evaluator(evaluator_name)  # an unknown name fails before any work
     _check_range("--ratio", ratio, 0.0, 1.0, high_open=True)
     if not 0.0 < max_group_ratio <= 1.0:
         raise GraphpruneError(f"--max-group-ratio must be in (0, 1]: got {max_group_ratio:g}.")
@@ -295,9 +304,29 @@ def optimize(model: Path, output: Path, ratio: float, criterion: str, global_ran
                           progress=_step, calib=calib, compensate=compensate, calib_batches=calib_batches,
                           calib_batch_size=calib_batch_size)
     speed = result.latency
+    evaluation = None
+    if evaluator is not None:
+        with _step(f"Evaluating dense and pruned ({evaluator.name})"):
+            evaluation = evaluator.compare(model, output)
     if report_path is not None:
-        write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
+        write_json_atomic(report_path, {**result.to_dict(), "output": str(output), "evaluation": evaluation})
     _print_result(result, speed, output, report_path)
+    if evaluation is not None:
+        _stdout().print(evaluation_table(evaluation))
+
+
+def evaluation_table(evaluation: dict[str, Any]) -> Table:
+    table = Table(title=f"{evaluation['evaluator']}: {evaluation['metric']}")
+    for name in ("metric", "dense", "pruned"):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    for key, dense in evaluation["dense"].items():
+        pruned = evaluation["pruned"].get(key)
+        if isinstance(dense, (int, float)) and isinstance(pruned, (int, float)):
+            table.add_row(key, f"{dense:.4g}", f"{pruned:.4g}")
+    for key, value in evaluation.get("agreement", {}).items():
+        if isinstance(value, (int, float)):
+            table.add_row(f"agreement: {key}", "", f"{value:.4g}")
+    return table
 
 
 def _print_result(result: api.OptimizeResult, speed: dict[str, Any] | None, output: Path,

@@ -209,3 +209,24 @@ def test_optimize_with_calibration_data(resnet, tmp_path):
     assert result.exit_code == 2 and "--compensate needs calibration data" in result.output
     result = invoke("optimize", resnet, "-o", out, "--ratio", 0.3, "--calib", tmp_path / "nope.npz")
     assert result.exit_code == 2 and "nope.npz" in result.output
+
+
+def test_eval_prints_the_real_metric_before_and_after(tmp_path):
+    from graphprune.models import real
+
+    if not real.available("silero_vad") or not real.available("pyannote-audio"):
+        pytest.skip("silero-vad or pyannote-audio wheel not fetched")
+    out, report = tmp_path / "vad.onnx", tmp_path / "report.json"
+    result = invoke("optimize", real.silero_vad_path(), "-o", out, "--ratio", 0.3, "--no-latency",
+                    "--input-shape", "input:1x576",
+                    "--eval", "silero_vad", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "silero_vad" in result.output
+    evaluation = json.loads(report.read_text())["evaluation"]
+    assert set(evaluation["dense"]) == set(evaluation["pruned"]) and evaluation["dense"]
+
+
+def test_unknown_evaluator_fails_before_any_work(resnet, tmp_path):
+    out = tmp_path / "out.onnx"
+    result = invoke("optimize", resnet, "-o", out, "--ratio", 0.3, "--eval", "imagenet")
+    assert result.exit_code == 2 and "imagenet" in result.output and not out.exists()
