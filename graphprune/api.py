@@ -58,6 +58,8 @@ class OptimizeResult:
     settings: dict[str, Any] = field(default_factory=dict)
     # Graph inputs/outputs that shrank (KV caches): {"value", "axis", "before", "after", "kept"}.
     resized: list[dict[str, Any]] = field(default_factory=list)
+    # Allocation mode, budgets requested, estimated and achieved (None: a plain uniform --ratio).
+    allocation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +70,7 @@ class OptimizeResult:
             "latency": self.latency,
             "units_removed": self.plan.units_removed,
             "groups": [g.to_dict() for g in self.groups],
+            "allocation": self.allocation,
             "resized_interface": self.resized,
         }
 
@@ -107,6 +110,11 @@ def optimize(
     compensate: bool | None = None,
     calib_batches: int | None = None,
     calib_batch_size: int = 8,
+    allocation: str = "uniform",
+    target_flops: float | None = None,
+    target_params: float | None = None,
+    min_ratio: float = 0.0,
+    reconstruct: bool = False,
 ) -> OptimizeResult:
     """Prune channels, verify against the original, and (if ``output`` is given) save atomically.
 
@@ -117,6 +125,12 @@ def optimize(
     ``calib``: calibration data (calibration.load_calibration: .npz/.npy file, folder, or a named set such
     as "photos"), read by the activation criteria (wanda-sp, flap, act-norm) and by ``compensate``
     (FLAP bias compensation; on by default when ``calib`` is given). ``calib_batches`` caps the batches.
+    ``reconstruct``: least-squares reconstruction of the consumers' kept weights on ``calib``
+    (reconstruct.py); it replaces bias compensation for the consumers it reconstructs.
+    ``target_flops`` / ``target_params``: the share of the dense MACs / params to *remove* (0.35 = -35%);
+    ``ratio`` is then ignored. ``allocation``: uniform, global (= ``global_rank``) or sensitivity (needs
+    ``calib``); see allocation.py. ``min_ratio`` / ``max_group_ratio``: per-group bounds of non-uniform
+    allocations and budgets. The achieved MACs/params reduction is counted on the pruned model.
     """
     if not 0.0 <= ratio < 1.0:
         raise GraphpruneError(f"--ratio must be in [0, 1): got {ratio}.")
@@ -128,9 +142,16 @@ def optimize(
                               f"choose from {', '.join(UNIT_KINDS)}.")
     if compensate and calib is None:
         raise GraphpruneError("--compensate needs calibration data: give --calib as well.")
+    if reconstruct and calib is None:
+        raise GraphpruneError("--reconstruct needs calibration data: give --calib as well.")
     if calib_batches is not None and calib_batches < 1:
         raise GraphpruneError(f"--calib-batches must be 1 or more: got {calib_batches}.")
     compensate = calib is not None if compensate is None else compensate
+    if allocation == "sensitivity" and calib is None:
+        raise GraphpruneError("--allocation sensitivity measures each group's output change on calibration "
+                              "data: give --calib as well.")
+    if not 0.0 <= min_ratio <= max_group_ratio:
+        raise GraphpruneError(f"--min-ratio must be in [0, --max-ratio]: got {min_ratio:g}.")
     _check_output(model, output)
     step = progress or (lambda _: nullcontext())
     with step("Loading"):
@@ -142,14 +163,17 @@ def optimize(
                              else original.ByteSize())
     config = PruneChannelsConfig(ratio=ratio, criterion=criterion, global_rank=global_rank, round_to=round_to,
                                  exclude=tuple(exclude), max_group_ratio=max_group_ratio, seed=seed,
-                                 kinds=tuple(units), compensate=compensate)
+                                 kinds=tuple(units), compensate=compensate, allocation=allocation,
+                                 target_flops=target_flops, target_params=target_params, min_ratio=min_ratio,
+                                 reconstruct=reconstruct)
     if calib is not None:
         names, ranks, dtypes = model_inputs(loaded)
         config.calibration = load_calibration(calib, names, calib_batch_size, ranks=ranks, dtypes=dtypes,
                                               max_batches=calib_batches)
     pruning = PruneChannelsPass(config)
-    with step("Collecting activation statistics, analysing and pruning" if calib is not None
-              else "Analysing and pruning"):
+    doing = (("collecting activation statistics, " if calib is not None else "")
+             + ("measuring sensitivity, " if allocation == "sensitivity" else "") + "analysing and pruning")
+    with step(doing[0].upper() + doing[1:]):
         pruning(loaded)
     if not any(group.prunable for group in pruning.groups):
         reasons = sorted({group.why_not for group in pruning.groups})[:3] or ["no weight groups"]
@@ -179,6 +203,15 @@ def optimize(
                 "round_to": round_to, "exclude": list(exclude), "units": list(units), "seed": seed,
                 "calib": None if calib is None else os.fspath(calib), "compensate": compensate,
                 "criteria_used": sorted({d.criterion for d in pruning.plan.decisions if d.criterion}),
-                "compensation": pruning.compensation.to_dict() if pruning.compensation else None}
+                "compensation": pruning.compensation.to_dict() if pruning.compensation else None,
+                "reconstruct": reconstruct,
+                "reconstruction": pruning.reconstruction.to_dict() if pruning.reconstruction else None}
+    budget = None
+    if pruning.plan.allocation is not None:
+        budget = {**pruning.plan.allocation.to_dict(),
+                  "achieved_flops_reduction": 1 - after.macs / before.macs if before.macs else 0.0,
+                  "achieved_params_reduction": 1 - after.params / before.params if before.params else 0.0,
+                  "sensitivity": [{"group": s.id, "size": s.size, "kind": s.kind, "sensitivity": s.sensitivity,
+                                   "ratio": s.ratio} for s in pruning.summaries if s.sensitivity is not None]}
     return OptimizeResult(loaded, pruning.plan, pruning.summaries, before, after, report, speed, settings,
-                          pruning.resized)
+                          pruning.resized, budget)

@@ -257,11 +257,130 @@ def collect_stats(model: ir.Model, requests: Sequence[StatsKey], batches, *,
     requests = list(dict.fromkeys(requests))
     if not requests:
         return {}
+    stats: dict[StatsKey, ChannelStats] = {}
+    for arrays in _run_with_outputs(model, [name for name, _ in requests], batches, progress):
+        for name, axis in requests:
+            array = arrays[name]
+            if (name, axis) not in stats:
+                stats[(name, axis)] = ChannelStats.empty(array.shape[axis])
+            elif stats[(name, axis)].total.shape[0] != array.shape[axis]:
+                raise GraphpruneError(f"'{name}' changes its axis-{axis} extent between calibration "
+                                      "batches; statistics need a fixed channel count.")
+            stats[(name, axis)].add(array, axis)
+    return stats
+
+
+# ---------- Gram matrices (least-squares reconstruction) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Patches:
+    """How a consumer sees its input as rows of features: the channel ``axis`` alone (Gemm, MatMul), or
+    for a Conv (channels on axis 1, spatial axes after it) every kernel window, im2col-style, with the
+    columns ordered (channel, tap) as in ``W.reshape(out, -1)``."""
+
+    axis: int
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()  # ONNX order: every begin, then every end
+    dilations: tuple[int, ...] = ()
+    auto_pad: str = "NOTSET"
+
+    def rows(self, array: np.ndarray, chunk: int = 1 << 16) -> Iterator[np.ndarray]:
+        """float64 rows [n, features] in chunks of at most ``chunk`` rows (convs: one sample at a time)."""
+        array = np.asarray(array)
+        if not self.kernel:
+            flat = np.moveaxis(array, self.axis, -1).reshape(-1, array.shape[self.axis])
+            for start in range(0, flat.shape[0], chunk):
+                yield flat[start : start + chunk].astype(np.float64)
+            return
+        pointwise = all(k == 1 for k in self.kernel) and not any(self.pads) and self.auto_pad == "NOTSET"
+        for sample in array:
+            if pointwise:  # 1x1: the (strided) pixels, channels last
+                pixels = sample[(slice(None),) + tuple(slice(None, None, st) for st in self.strides)]
+                yield np.moveaxis(pixels, 0, -1).reshape(-1, sample.shape[0]).astype(np.float64)
+            else:
+                yield self._im2col(sample.astype(np.float64))
+
+    def _im2col(self, x: np.ndarray) -> np.ndarray:
+        """x: [C, *spatial] -> [positions, C * taps]."""
+        k = self.kernel
+        r = len(k)
+        d = self.dilations or (1,) * r
+        s = self.strides or (1,) * r
+        spans = [(k[i] - 1) * d[i] + 1 for i in range(r)]
+        begins, ends = self._pads(x.shape[1:], spans, s)
+        x = np.pad(x, [(0, 0)] + list(zip(begins, ends)))
+        windows = np.lib.stride_tricks.sliding_window_view(x, spans, axis=tuple(range(1, r + 1)))
+        windows = windows[(slice(None),) + tuple(slice(None, None, st) for st in s)
+                          + tuple(slice(None, None, di) for di in d)]
+        c, positions = x.shape[0], int(np.prod(windows.shape[1 : r + 1]))
+        return windows.reshape(c, positions, -1).transpose(1, 0, 2).reshape(positions, -1)
+
+    def _pads(self, spatial, spans, strides) -> tuple[list[int], list[int]]:
+        r = len(spans)
+        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            total = [max(0, (-(-n // st) - 1) * st + sp - n) for n, sp, st in zip(spatial, spans, strides)]
+            small = [t // 2 for t in total]
+            big = [t - t // 2 for t in total]
+            return (small, big) if self.auto_pad == "SAME_UPPER" else (big, small)
+        if self.auto_pad == "VALID" or not self.pads:
+            return [0] * r, [0] * r
+        return list(self.pads[:r]), list(self.pads[r:])
+
+
+@dataclass
+class Gram:
+    """XᵀX, Xᵀ1 and the row count of the rows a consumer reads, accumulated in float64."""
+
+    count: int
+    total: np.ndarray
+    gram: np.ndarray
+
+    def add(self, rows: np.ndarray) -> None:
+        self.count += rows.shape[0]
+        self.total += rows.sum(0)
+        self.gram += rows.T @ rows
+
+    @classmethod
+    def empty(cls, features: int) -> Gram:
+        return cls(0, np.zeros(features), np.zeros((features, features)))
+
+
+GramKey = tuple[str, Patches]
+
+
+def collect_gram(model: ir.Model, requests: Sequence[GramKey], batches, *,
+                 progress: Callable[[int], None] | None = None) -> dict[GramKey, Gram]:
+    """Gram matrices of the requested (value name, patches) over every calibration batch.
+
+    Same mechanism as collect_stats; memory is the Gram matrices (features² float64 each) plus one batch,
+    so the caller bounds the features and splits large request lists over several calls.
+    """
+    requests = list(dict.fromkeys(requests))
+    if not requests:
+        return {}
+    grams: dict[GramKey, Gram] = {}
+    for arrays in _run_with_outputs(model, [name for name, _ in requests], batches, progress):
+        for name, patches in requests:
+            for rows in patches.rows(arrays[name]):
+                gram = grams.setdefault((name, patches), Gram.empty(rows.shape[1]))
+                if gram.total.shape[0] != rows.shape[1]:
+                    raise GraphpruneError(f"'{name}' changes its channel count between calibration batches; "
+                                          "reconstruction needs a fixed one.")
+                gram.add(rows)
+    return grams
+
+
+def _run_with_outputs(model: ir.Model, names: Sequence[str], batches,
+                      progress: Callable[[int], None] | None) -> Iterator[dict[str, np.ndarray]]:
+    """Run a copy of the model with ``names`` as extra outputs over every batch; yield those arrays
+    (graph inputs come from the feeds)."""
     proto = ir.to_proto(model)
     inputs = {v.name for v in model.graph.inputs}
     declared = {o.name for o in proto.graph.output}
     values = _values_by_name(model)
-    for name, _axis in requests:
+    for name in dict.fromkeys(names):
         if name in inputs or name in declared:
             continue
         value = values.get(name)
@@ -272,25 +391,16 @@ def collect_stats(model: ir.Model, requests: Sequence[StatsKey], batches, *,
         declared.add(name)
     session = make_session(proto, optimization="basic", label="the model with statistics outputs")
     fixed = _fixed_batch(session)
-    stats: dict[StatsKey, ChannelStats] = {}
     done = 0
     for feeds in batches:
         for chunk in _split(feeds, fixed):
             outputs = run_session(session, chunk, "the model on calibration data")
-            for name, axis in requests:
-                array = chunk[name] if name in chunk else outputs[name]
-                if (name, axis) not in stats:
-                    stats[(name, axis)] = ChannelStats.empty(array.shape[axis])
-                elif stats[(name, axis)].total.shape[0] != array.shape[axis]:
-                    raise GraphpruneError(f"'{name}' changes its axis-{axis} extent between calibration "
-                                          "batches; statistics need a fixed channel count.")
-                stats[(name, axis)].add(array, axis)
+            yield {name: chunk[name] if name in chunk else outputs[name] for name in names}
         done += 1
         if progress is not None:
             progress(done)
     if not done:
         raise GraphpruneError("the calibration data holds no samples.")
-    return stats
 
 
 def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphprune import api
+from graphprune.allocation import ALLOCATIONS
 from graphprune.analysis.groups import DEFAULT_KINDS
 from graphprune.criteria import CRITERIA
 from graphprune.errors import GraphpruneError
@@ -236,12 +237,26 @@ def analyze(model: Path, as_json: bool) -> None:
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Pruned model to write.")
-@click.option("--ratio", type=float, required=True, help="Share of units to remove, in [0, 1).")
+@click.option("--ratio", type=float, default=None,
+              help="Share of units to remove, in [0, 1). Required unless --target-flops/--target-params.")
+@click.option("--target-flops", type=float, default=None, metavar="SHARE",
+              help="Share of the dense model's MACs to REMOVE, in [0, 1): 0.35 means -35% MACs. Units are "
+                   "removed until the estimate reaches it; the achieved change is counted and reported.")
+@click.option("--target-params", type=float, default=None, metavar="SHARE",
+              help="Share of the dense model's parameters to REMOVE, in [0, 1) (0.35 = -35% params).")
+@click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None,
+              help="How removal is spread over groups: uniform (same share each), global (ranked together "
+                   "on standardised scores, by importance per cost under a target), sensitivity (global, "
+                   "weighted by each group's measured output change on --calib data). "
+                   "[default: uniform; global with --global]")
+@click.option("--min-ratio", type=float, default=DEFAULTS["min_ratio"], show_default=True,
+              help="With --global, --allocation or a target: the least share any one group loses.")
 @click.option("--criterion", type=click.Choice(CRITERIA), default=DEFAULTS["criterion"], show_default=True,
               help="Importance score; the lowest-scoring units are removed.")
 @click.option("--global", "global_rank", is_flag=True, help="Rank units across groups instead of per group.")
-@click.option("--max-group-ratio", type=float, default=DEFAULTS["max_group_ratio"], show_default=True,
-              help="With --global, the most any one group may lose, in (0, 1].")
+@click.option("--max-group-ratio", "--max-ratio", "max_group_ratio", type=float,
+              default=DEFAULTS["max_group_ratio"], show_default=True,
+              help="With --global, --allocation or a target: the most any one group may lose, in (0, 1].")
 @click.option("--round-to", type=int, default=DEFAULTS["round_to"], show_default=True,
               help="Round kept counts to a multiple of this (1: no rounding).")
 @click.option("--units", default=",".join(DEFAULTS["units"]), show_default=True, metavar="KINDS",
@@ -264,17 +279,22 @@ def analyze(model: Path, as_json: bool) -> None:
 @click.option("--compensate/--no-compensate", default=None,
               help="FLAP bias compensation: push the removed channels' calibration mean into the consumers' "
                    "biases. [default: on with --calib]")
+@click.option("--reconstruct", is_flag=True,
+              help="Least-squares reconstruction of the consumers' kept weights and biases on --calib data "
+                   "(ridge-regularised; replaces --compensate for the consumers it reconstructs).")
 @click.option("--calib-batches", type=int, default=None, help="Use at most this many calibration batches.")
 @click.option("--calib-batch-size", type=int, default=DEFAULTS["calib_batch_size"], show_default=True,
               help="Samples per calibration batch.")
 @click.option("--eval", "evaluator_name", metavar="NAME",
               help="Evaluate dense and pruned on a real model's offline data and print both: "
                    "mobilenet_v2, minilm, ppocr_rec, magika, silero_vad.")
-def optimize(model: Path, output: Path, ratio: float, criterion: str, global_rank: bool,
+def optimize(model: Path, output: Path, ratio: float | None, target_flops: float | None,
+             target_params: float | None, allocation: str | None, min_ratio: float, criterion: str,
+             global_rank: bool,
              max_group_ratio: float, round_to: int, units: str, exclude: tuple[str, ...],
              input_shapes: tuple[str, ...],
              samples: int, seed: int, report_path: Path | None, latency: bool, calib: str | None,
-             compensate: bool | None, calib_batches: int | None, calib_batch_size: int,
+             compensate: bool | None, reconstruct: bool, calib_batches: int | None, calib_batch_size: int,
              evaluator_name: str | None) -> None:
     """Prune MODEL, verify it against the original, write OUTPUT."""
     evaluator = None
@@ -282,7 +302,23 @@ def optimize(model: Path, output: Path, ratio: float, criterion: str, global_ran
         from graphprune.models.evaluators import get_evaluator
 
         evaluator = get_evaluator(evaluator_name)  # an unknown name fails before any work
-    _check_range("--ratio", ratio, 0.0, 1.0, high_open=True)
+    targets = {"--target-flops": target_flops, "--target-params": target_params}
+    for option, target in targets.items():
+        if target is not None:
+            _check_range(option, target, 0.0, 1.0, high_open=True)
+    budgeted = any(t is not None for t in targets.values())
+    if ratio is None and not budgeted:
+        raise GraphpruneError("give --ratio (share of units to remove) or a budget "
+                              "(--target-flops / --target-params).")
+    if ratio is not None and budgeted:
+        raise GraphpruneError("--ratio and --target-flops/--target-params both say how much to remove; "
+                              "give one of them.")
+    if ratio is not None:
+        _check_range("--ratio", ratio, 0.0, 1.0, high_open=True)
+    allocation = allocation or ("global" if global_rank else "uniform")
+    if allocation == "sensitivity" and calib is None:
+        raise GraphpruneError("--allocation sensitivity measures each group's output change on calibration "
+                              "data: give --calib as well.")
     if not 0.0 < max_group_ratio <= 1.0:
         raise GraphpruneError(f"--max-group-ratio must be in (0, 1]: got {max_group_ratio:g}.")
     _check_at_least("--round-to", round_to, 1)
@@ -297,12 +333,14 @@ def optimize(model: Path, output: Path, ratio: float, criterion: str, global_ran
     with _step(f"Loading {model}"):
         structure = check_model_file(model)
         resolve_shapes(structure, shapes, strict=False)  # unknown input names and wrong ranks fail here
-    result = api.optimize(model, output, ratio=ratio, criterion=criterion, global_rank=global_rank,
+    result = api.optimize(model, output, ratio=DEFAULTS["ratio"] if ratio is None else ratio,
+                          criterion=criterion, global_rank=global_rank, allocation=allocation,
+                          target_flops=target_flops, target_params=target_params, min_ratio=min_ratio,
                           round_to=round_to, exclude=exclude, max_group_ratio=max_group_ratio, seed=seed,
                           units=tuple(u.strip() for u in units.split(",") if u.strip()),
                           input_shapes=shapes, samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0,
                           progress=_step, calib=calib, compensate=compensate, calib_batches=calib_batches,
-                          calib_batch_size=calib_batch_size)
+                          calib_batch_size=calib_batch_size, reconstruct=reconstruct)
     speed = result.latency
     evaluation = None
     if evaluator is not None:
@@ -311,6 +349,8 @@ def optimize(model: Path, output: Path, ratio: float, criterion: str, global_ran
     if report_path is not None:
         write_json_atomic(report_path, {**result.to_dict(), "output": str(output), "evaluation": evaluation})
     _print_result(result, speed, output, report_path)
+    if result.allocation is not None:
+        _print_allocation(result.allocation)
     if evaluation is not None:
         _stdout().print(evaluation_table(evaluation))
 
@@ -329,6 +369,31 @@ def evaluation_table(evaluation: dict[str, Any]) -> Table:
     return table
 
 
+def sensitivity_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="Sensitivity (relative output change with half the group masked) and ratio chosen")
+    for name in ("group", "size", "kind", "sensitivity", "removed"):
+        table.add_column(name, justify="left" if name == "kind" else "right")
+    for row in sorted(rows, key=lambda r: r["sensitivity"]):
+        table.add_row(str(row["group"]), str(row["size"]), row["kind"], f"{row['sensitivity']:.4g}",
+                      _pct(row["ratio"]))
+    return table
+
+
+def _print_allocation(budget: dict[str, Any]) -> None:
+    out = _stdout()
+    if budget["sensitivity"]:
+        out.print(sensitivity_table(budget["sensitivity"]))
+    for what, key in (("MACs", "flops"), ("params", "params")):
+        target = budget[f"target_{key}"]
+        if target is not None:
+            out.print(f"Budget: {what} -{_pct(target)} requested, -{_pct(budget[f'estimated_{key}_reduction'])} "
+                      f"estimated, -{_pct(budget[f'achieved_{key}_reduction'])} achieved "
+                      f"({budget['mode']} allocation).")
+    if not budget["target_reached"]:
+        out.print("[yellow]note:[/] the budget cannot be reached within --max-ratio and --round-to; "
+                  "the plan removes all they allow.")
+
+
 def _print_result(result: api.OptimizeResult, speed: dict[str, Any] | None, output: Path,
                   report_path: Path | None) -> None:
     out = _stdout()
@@ -345,6 +410,15 @@ def _print_result(result: api.OptimizeResult, speed: dict[str, Any] | None, outp
     if compensation:
         out.print(f"Bias compensation: {compensation['compensated']} consumer(s) compensated, "
                   f"{len(compensation['skipped'])} skipped.")
+    reconstruction = result.settings.get("reconstruction")
+    if reconstruction:
+        errors = ""
+        if reconstruction["reconstructed"]:
+            sliced = reconstruction["mean_relative_error_sliced"]
+            rebuilt = reconstruction["mean_relative_error_reconstructed"]
+            errors = f" (mean relative calibration error: {sliced:.3g} sliced, {rebuilt:.3g} rebuilt)"
+        out.print(f"Reconstruction: {reconstruction['reconstructed']} consumer(s) reconstructed{errors}, "
+                  f"{len(reconstruction['skipped'])} skipped.")
     for change in result.resized:
         out.print(f"[yellow]note:[/] {change['value']} axis {change['axis']} shrinks from {change['before']} "
                   f"to {change['after']}: allocate the smaller cache when calling the pruned model.")

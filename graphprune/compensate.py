@@ -15,7 +15,7 @@ unsliced weights, before rewrite.apply_removal:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,13 +38,17 @@ class CompensationReport:
                 "skipped": [{"node": n, "reason": r} for n, r in self.skipped]}
 
 
-def compensate_bias(g: DimGraph, plan: PrunePlan, stats: Mapping) -> CompensationReport:
+def compensate_bias(g: DimGraph, plan: PrunePlan, stats: Mapping,
+                    skip: Collection[tuple[ir.Node, int]] = ()) -> CompensationReport:
+    """``skip``: weight uses (node, input index) already reconstructed (reconstruct.py): left alone."""
     report = CompensationReport()
     for decision in plan.decisions:
         if not len(decision.removed):
             continue
         for c in consumers(g, decision.group):
             node = c.use.node
+            if (node, c.use.index) in skip:
+                continue
             s = stats.get(c.key) if c.key is not None else None
             if s is None:
                 report.skipped.append((node.name, "no calibration statistics for its input"))
@@ -73,7 +77,7 @@ def _compensate(g: DimGraph, c: Consumer, positions: np.ndarray, mean: np.ndarra
         if groups != 1 or c.axis != 1:
             return "grouped conv"
         delta = w[:, positions].reshape(w.shape[0], len(positions), -1).sum(-1) @ mean
-        return _add(g, node, 2, delta, use.axes[0], dtype)
+        return add_to_bias(g, node, 2, delta, use.axes[0], dtype)
     if node.op_type == "Gemm" and use.index == 1 and w.ndim == 2:
         b = w.T if attr(node, "transB", 0) else w  # [in, out]
         beta = float(attr(node, "beta", 1.0))
@@ -81,7 +85,7 @@ def _compensate(g: DimGraph, c: Consumer, positions: np.ndarray, mean: np.ndarra
             return "Gemm with beta 0 ignores its bias"
         delta = float(attr(node, "alpha", 1.0)) * (mean @ b[positions]) / beta
         out_axis = 0 if attr(node, "transB", 0) else 1
-        return _add(g, node, 2, delta, use.axes[out_axis], dtype)
+        return add_to_bias(g, node, 2, delta, use.axes[out_axis], dtype)
     if node.op_type == "MatMul" and use.index == 1 and w.ndim == 2:
         delta = mean @ w[positions]
         uses = list(node.outputs[0].uses())
@@ -89,12 +93,12 @@ def _compensate(g: DimGraph, c: Consumer, positions: np.ndarray, mean: np.ndarra
             add, index = uses[0].node, 1 - uses[0].idx
             bias = g.const(add.inputs[index])
             if bias is not None and bias.shape == delta.shape and (add, index) in g.params:
-                return _add(g, add, index, delta, use.axes[1], dtype)
+                return add_to_bias(g, add, index, delta, use.axes[1], dtype)
         return "MatMul without a constant bias Add after it"
     return f"{node.op_type} consumer not supported"
 
 
-def _add(g: DimGraph, node: ir.Node, index: int, delta: np.ndarray, out_axis: Expr, dtype) -> str:
+def add_to_bias(g: DimGraph, node: ir.Node, index: int, delta: np.ndarray, out_axis: Expr, dtype) -> str:
     """Add delta to the node's bias input (broadcast on its last axis), as a fresh initializer."""
     current = node.inputs[index] if index < len(node.inputs) else None
     if current is None:

@@ -24,6 +24,13 @@ class PlanConfig:
     exclude: tuple[str, ...] = ()
     kinds: tuple[str, ...] = DEFAULT_KINDS
     seed: int = 0
+    # Allocation across groups (allocation.py): uniform, global (= global_rank) or sensitivity.
+    allocation: str = "uniform"
+    # Budgets: the share of the dense model's MACs / params to *remove* (0.35 = -35%); ``ratio`` is then
+    # ignored and the plan removes units until the estimated reduction reaches every target given.
+    target_flops: float | None = None
+    target_params: float | None = None
+    min_ratio: float = 0.0  # with a target or non-uniform allocation: every group loses at least this
 
 
 @dataclass
@@ -41,6 +48,7 @@ class GroupDecision:
 @dataclass
 class PrunePlan:
     decisions: list[GroupDecision]
+    allocation: object | None = None  # allocation.Allocation when the counts came from allocate()
 
     @property
     def removed(self) -> dict[int, np.ndarray]:
@@ -74,8 +82,12 @@ def excluded(group: Group, patterns: tuple[str, ...]) -> str:
     return ""
 
 
-def make_plan(g: DimGraph, groups: list[Group], config: PlanConfig, stats: Mapping | None = None) -> PrunePlan:
-    """``stats``: calibration statistics for the activation-aware criteria (calibration.collect_stats)."""
+def make_plan(g: DimGraph, groups: list[Group], config: PlanConfig, stats: Mapping | None = None,
+              sensitivity: Mapping[int, float] | None = None) -> PrunePlan:
+    """``stats``: calibration statistics for the activation-aware criteria (calibration.collect_stats).
+
+    ``sensitivity``: group root -> measured output change (sensitivity.py), for allocation "sensitivity".
+    """
     rng = np.random.default_rng(config.seed)
     decisions = [GroupDecision(group) for group in groups]
     candidates: list[tuple[GroupDecision, np.ndarray]] = []
@@ -91,18 +103,25 @@ def make_plan(g: DimGraph, groups: list[Group], config: PlanConfig, stats: Mappi
             continue
         scores, d.criterion = score_group(g, group, config.criterion, rng, stats)
         candidates.append((d, scores))
-    if config.global_rank:
+    multiples = [1 if d.group.kind in ("head", "head-repeat") else config.round_to for d, _ in candidates]
+    allocation = None
+    budgeted = config.target_flops is not None or config.target_params is not None
+    if budgeted or config.allocation == "sensitivity":
+        from graphprune.allocation import allocate
+
+        counts, allocation = allocate(g, [d.group for d, _ in candidates], [s for _, s in candidates],
+                                      multiples, config, sensitivity)
+    elif config.global_rank or config.allocation == "global":
         counts = _global_counts(candidates, config)
     else:
         counts = [round(config.ratio * d.group.size) for d, _ in candidates]
-    for (d, scores), remove in zip(candidates, counts):
-        multiple = 1 if d.group.kind in ("head", "head-repeat") else config.round_to
+    for (d, scores), remove, multiple in zip(candidates, counts, multiples):
         kept = round_kept(d.group.size - remove, d.group.size, multiple)
         d.removed = np.sort(np.argsort(scores, kind="stable")[: d.group.size - kept]).astype(np.int64)
         if not len(d.removed):
             d.skipped = ("smaller than --round-to, left whole" if d.group.size <= multiple > 1
                          else "nothing to remove at this ratio")
-    return PrunePlan(decisions)
+    return PrunePlan(decisions, allocation)
 
 
 def _global_counts(candidates: list[tuple[GroupDecision, np.ndarray]], config: PlanConfig) -> list[int]:

@@ -42,6 +42,8 @@ class GroupSummary:
     criterion: str = ""
     kept: list[int] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
+    ratio: float = 0.0  # share of the units removed
+    sensitivity: float | None = None  # measured output change (allocation "sensitivity")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +57,8 @@ def summarise_groups(g: DimGraph, groups: list[Group], plan: PrunePlan | None = 
                if use.index == 1 and use.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
     total_macs = sum(weights.values()) or 1.0
     decisions = {d.group.root: d for d in plan.decisions} if plan else {}
+    allocation = getattr(plan, "allocation", None)
+    sensitivity = getattr(allocation, "sensitivity", None) or {}
     out = []
     for group in groups:
         macs = 0.0
@@ -75,6 +79,8 @@ def summarise_groups(g: DimGraph, groups: list[Group], plan: PrunePlan | None = 
             summary.criterion = decision.criterion
             summary.removed = decision.removed.tolist()
             summary.kept = decision.kept.tolist()
+            summary.ratio = len(decision.removed) / max(group.size, 1)
+            summary.sensitivity = sensitivity.get(group.root)
             if decision.skipped and summary.prunable:
                 summary.reason = decision.skipped
         out.append(summary)

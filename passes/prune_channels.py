@@ -17,9 +17,12 @@ from graphprune.analysis.groups import Group, find_groups
 from graphprune.calibration import collect_stats
 from graphprune.compensate import CompensationReport, compensate_bias
 from graphprune.criteria import ACTIVATION_CRITERIA, stats_requests
-from graphprune.plan import PlanConfig, PrunePlan, make_plan
+from graphprune.errors import GraphpruneError
+from graphprune.plan import PlanConfig, PrunePlan, excluded, make_plan
+from graphprune.reconstruct import DAMP, MAX_FEATURES, ReconstructionReport, reconstruct_consumers
 from graphprune.report import GroupSummary, summarise_groups
 from graphprune.rewrite import apply_removal, interface_changes
+from graphprune.sensitivity import measure_sensitivity
 
 
 @dataclass
@@ -29,11 +32,21 @@ class PruneChannelsConfig(PlanConfig):
     ``calibration``: re-iterable feed dicts (calibration.load_calibration); with it, activation
     statistics are collected for the activation criteria and for ``compensate`` (FLAP bias
     compensation of every consumer, compensate.py). ``progress`` is called with batches done.
+    ``reconstruct``: least-squares reconstruction of the consumers' kept weights and biases
+    (reconstruct.py; needs ``calibration``), ridge ``reconstruct_damp`` relative to the Gram diagonal,
+    consumers over ``reconstruct_max_features`` input features (channels × taps) skipped. A reconstructed
+    consumer is not bias-compensated again.
     """
 
     calibration: Iterable | None = None
     compensate: bool = False
+    reconstruct: bool = False
+    reconstruct_damp: float = DAMP
+    reconstruct_max_features: int = MAX_FEATURES
     progress: Callable[[int], None] | None = None
+    # allocation "sensitivity": probe share and calibration batches (sensitivity.py)
+    probe_ratio: float = 0.5
+    sensitivity_batches: int = 4
 
 
 class PruneChannelsPass(ir.passes.InPlacePass):
@@ -50,6 +63,8 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         self.resized: list[dict] = []
         self.stats: dict | None = None
         self.compensation: CompensationReport | None = None
+        self.sensitivity: dict[int, float] | None = None  # group root -> measured output change
+        self.reconstruction: ReconstructionReport | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = build_dim_graph(model)
@@ -63,11 +78,28 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             pruned = [gr for gr in self.groups if gr.prunable and gr.kind in config.kinds]
             self.stats = collect_stats(model, stats_requests(g, pruned), calibration,
                                        progress=getattr(config, "progress", None))
-        self.plan = make_plan(g, self.groups, config, stats=self.stats)
+        if getattr(config, "allocation", "uniform") == "sensitivity":
+            if calibration is None:
+                raise GraphpruneError("allocation 'sensitivity' measures the output change of each group on "
+                                      "calibration data: give --calib as well.")
+            pruned = [gr for gr in self.groups if gr.prunable and gr.kind in config.kinds
+                      and not excluded(gr, config.exclude)]
+            self.sensitivity = measure_sensitivity(
+                model, g, pruned, calibration, criterion=config.criterion, stats=self.stats,
+                probe_ratio=config.probe_ratio, max_batches=config.sensitivity_batches, seed=config.seed,
+                progress=getattr(config, "progress", None))
+        self.plan = make_plan(g, self.groups, config, stats=self.stats, sensitivity=self.sensitivity)
         self.summaries = summarise_groups(g, self.groups, self.plan)  # shares of the unpruned model
         self.resized = interface_changes(g, self.plan.removed)
+        reconstructed: set = set()
+        if getattr(config, "reconstruct", False):
+            if calibration is None:
+                raise GraphpruneError("reconstruction needs calibration data: give --calib as well.")
+            self.reconstruction, reconstructed = reconstruct_consumers(
+                g, self.plan, calibration, damp=config.reconstruct_damp,
+                max_features=config.reconstruct_max_features, progress=getattr(config, "progress", None))
         if compensate and self.stats is not None:
-            self.compensation = compensate_bias(g, self.plan, self.stats)
+            self.compensation = compensate_bias(g, self.plan, self.stats, skip=reconstructed)
         apply_removal(g, self.plan.removed)
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))
 

@@ -201,6 +201,15 @@ def test_optimize_with_calibration_data(resnet, tmp_path):
     settings = json.loads(report.read_text())["settings"]
     assert settings["criteria_used"] == ["flap"] and settings["compensate"] is True
     assert settings["compensation"]["compensated"] > 0
+    # Reconstruction: the consumers it rebuilds are not bias-compensated again; it needs data too.
+    result = invoke("optimize", resnet, "-o", out, "--ratio", 0.3, "--no-latency", "--criterion", "flap",
+                    "--round-to", 1, "--calib", tmp_path / "calib.npz", "--reconstruct", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "Reconstruction:" in result.stdout
+    settings = json.loads(report.read_text())["settings"]
+    assert settings["reconstruction"]["reconstructed"] > 0
+    result = invoke("optimize", resnet, "-o", out, "--ratio", 0.3, "--reconstruct")
+    assert result.exit_code == 2 and "--reconstruct needs calibration data" in result.output
     # Without data the criterion falls back and says so; compensation without data is refused.
     result = invoke("optimize", resnet, "-o", out, "--ratio", 0.3, "--no-latency", "--criterion", "wanda-sp")
     assert result.exit_code == 0, result.output

@@ -6,6 +6,8 @@ sides. Metric: agreement with the dense model (top-1: same argmax; top-5: dense 
 top 5) and the mean cosine of the logits. No ImageNet labels exist offline: this is fidelity, not accuracy.
 
 Usage: .venv/bin/python tools/quality_mobilenet_v2.py [--ratios 0.2,0.3] [--round-to 16] [--markdown TABLE.md]
+       .venv/bin/python tools/quality_mobilenet_v2.py --target-flops 0.35   # budget rows: allocations
+       .venv/bin/python tools/quality_mobilenet_v2.py --reconstruction      # least-squares reconstruction rows
 Results and their reading: docs/quality_mobilenet_v2.md.
 """
 
@@ -43,40 +45,65 @@ CONFIGS = [
     ("act-norm", True, True),
 ]
 
+# With --target-flops: (criterion, calibration + compensation, allocation); the first row is plain L2.
+BUDGET_CONFIGS = [("l2", False, "uniform")] + [
+    (criterion, True, allocation) for criterion in ("l2", "wanda-sp", "flap")
+    for allocation in ("uniform", "global", "sensitivity")
+]
+
+# With --reconstruction: (criterion, calibration + compensation, reconstruction); the first row is plain L2.
+RECONSTRUCTION_CONFIGS = [("l2", False, False)] + [
+    (criterion, True, reconstruct) for criterion in ("l2", "wanda-sp", "flap") for reconstruct in (False, True)
+]
+
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
 
 
-def measure(ratios: list[float], round_to: int) -> tuple[list[dict], int, int]:
+def measure(ratios: list[float], round_to: int, target_flops: float | None = None,
+            max_ratio: float = 0.9, reconstruction: bool = False) -> tuple[list[dict], int, int]:
     dense = export_mobilenet_v2()
     rows = photo_rows("eval", len(VIEWS))
     batch = imagenet_batch(224, VIEWS)[rows]
     reference = run_onnx(dense, batch)
     results = []
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
-        for ratio in ratios:
-            for criterion, calibrated, compensate in CONFIGS:
-                path = Path(tmp) / "pruned.onnx"
-                start = time.perf_counter()
-                result = api.optimize(dense, path, ratio=ratio, criterion=criterion, round_to=round_to,
-                                      input_shapes=SHAPES, check=False, calib=CALIB if calibrated else None,
-                                      compensate=compensate)
-                seconds = time.perf_counter() - start
-                logits = run_onnx(path, batch)
-                agreement = topk_agreement(reference, logits, (1, 5))
-                results.append({
-                    "ratio": ratio, "criterion": criterion, "compensate": compensate,
-                    "used": ", ".join(result.settings["criteria_used"]),
-                    "macs": result.after.macs / result.before.macs - 1,
-                    "params": result.after.params / result.before.params - 1,
-                    "top1": agreement["top1"], "top5": agreement["top5"], "cosine": cosine(reference, logits),
-                    "seconds": seconds,
-                })
-                print(f"ratio {ratio:g} {criterion:8s} comp={compensate!s:5s} top1 {agreement['top1']:.3f} "
-                      f"top5 {agreement['top5']:.3f} cos {results[-1]['cosine']:.4f} ({seconds:.1f} s)",
-                      file=sys.stderr)
+        runs = [(ratio, c, calibrated, compensate, "uniform") for ratio in ratios
+                for c, calibrated, compensate in CONFIGS]
+        if target_flops is not None:
+            runs = [(None, c, calibrated, calibrated, allocation)
+                    for c, calibrated, allocation in BUDGET_CONFIGS]
+        rebuilt: set[int] = set()  # indices of runs with least-squares reconstruction
+        if reconstruction:  # reconstruction rows only (each with bias compensation of the other consumers)
+            rebuilt = {i for i, config in enumerate(RECONSTRUCTION_CONFIGS * len(ratios)) if config[2]}
+            runs = [(ratio, c, calibrated, calibrated, "uniform") for ratio in ratios
+                    for c, calibrated, _ in RECONSTRUCTION_CONFIGS]
+        for index, (ratio, criterion, calibrated, compensate, allocation) in enumerate(runs):
+            reconstruct = index in rebuilt
+            path = Path(tmp) / "pruned.onnx"
+            start = time.perf_counter()
+            budget = {} if ratio is not None else {"target_flops": target_flops, "allocation": allocation,
+                                                   "max_group_ratio": max_ratio}
+            result = api.optimize(dense, path, ratio=ratio or 0.0, criterion=criterion, round_to=round_to,
+                                  input_shapes=SHAPES, check=False, calib=CALIB if calibrated else None,
+                                  compensate=compensate, reconstruct=reconstruct, **budget)
+            seconds = time.perf_counter() - start
+            logits = run_onnx(path, batch)
+            agreement = topk_agreement(reference, logits, (1, 5))
+            results.append({
+                "ratio": ratio, "criterion": criterion, "compensate": compensate, "allocation": allocation,
+                "reconstruct": reconstruct,
+                "used": ", ".join(result.settings["criteria_used"]),
+                "macs": result.after.macs / result.before.macs - 1,
+                "params": result.after.params / result.before.params - 1,
+                "top1": agreement["top1"], "top5": agreement["top5"], "cosine": cosine(reference, logits),
+                "seconds": seconds,
+            })
+            print(f"ratio {ratio} {allocation} {criterion:8s} comp={compensate!s:5s} rec={reconstruct!s:5s} "
+                  f"top1 {agreement['top1']:.3f} top5 {agreement['top5']:.3f} cos {results[-1]['cosine']:.4f} ({seconds:.1f} s)",
+                  file=sys.stderr)
     return results, len(batch), len(imagenet_batch(224, VIEWS)) - len(batch)
 
 
@@ -85,28 +112,44 @@ def markdown(results: list[dict], images: int) -> str:
               "logit cosine |")
     lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        cells = [f"{r['ratio']:g}", f"{100 * r['macs']:+.1f}%", f"{100 * r['params']:+.1f}%", r["used"],
-                 "yes" if r["compensate"] else "no", f"{100 * r['top1']:.1f}%", f"{100 * r['top5']:.1f}%",
+        cells = [_ratio(r), f"{100 * r['macs']:+.1f}%", f"{100 * r['params']:+.1f}%", r["used"],
+                 _compensation(r), f"{100 * r['top1']:.1f}%", f"{100 * r['top5']:.1f}%",
                  f"{r['cosine']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _compensation(r: dict) -> str:
+    if r.get("reconstruct"):
+        return "reconstruction"
+    return "bias" if r["compensate"] else "no"
+
+
+def _ratio(r: dict) -> str:
+    return f"{r['ratio']:g}" if r["ratio"] is not None else r["allocation"]
+
+
 @click.command()
 @click.option("--ratios", default="0.2,0.3", show_default=True, help="Comma-separated pruning ratios.")
 @click.option("--round-to", type=int, default=16, show_default=True)
+@click.option("--target-flops", type=float, default=None,
+              help="Instead of ratios: this share of MACs removed, uniform vs global vs sensitivity allocation.")
+@click.option("--max-ratio", type=float, default=0.9, show_default=True, help="Per-group cap for budgets.")
+@click.option("--reconstruction", is_flag=True,
+              help="Instead of the criteria rows: L2, wanda-sp and flap with bias compensation vs reconstruction.")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None,
               help="Also write the table (markdown) to this file.")
-def main(ratios: str, round_to: int, markdown_path: Path | None) -> None:
+def main(ratios: str, round_to: int, target_flops: float | None, max_ratio: float,
+         markdown_path: Path | None, reconstruction: bool) -> None:
     values = [float(r) for r in ratios.split(",") if r.strip()]
-    results, images, calib_images = measure(values, round_to)
+    results, images, calib_images = measure(values, round_to, target_flops, max_ratio, reconstruction)
     table = Table(title=f"MobileNetV2 (ImageNet weights): agreement with dense on {images} held-out photo "
                         f"crops (calibration: {calib_images} crops of other photos)")
     for name in ("ratio", "MACs", "params", "criterion", "comp.", "top-1", "top-5", "cosine"):
         table.add_column(name, justify="left" if name == "criterion" else "right")
     for r in results:
-        table.add_row(f"{r['ratio']:g}", f"{100 * r['macs']:+.1f}%", f"{100 * r['params']:+.1f}%",
-                      r["used"], "yes" if r["compensate"] else "no", f"{100 * r['top1']:.1f}%",
+        table.add_row(_ratio(r), f"{100 * r['macs']:+.1f}%", f"{100 * r['params']:+.1f}%",
+                      r["used"], _compensation(r), f"{100 * r['top1']:.1f}%",
                       f"{100 * r['top5']:.1f}%", f"{r['cosine']:.4f}")
     Console().print(table)
     if markdown_path is not None:
