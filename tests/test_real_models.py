@@ -115,3 +115,12 @@ def test_mobilenet_v2_sees_a_cat_in_chelsea(photos):
     logits = run_onnx(export_mobilenet_v2("legacy"), batch)
     top1 = int(logits[names.index("chelsea/center")].argmax())
     assert top1 in CAT_CLASSES, f"chelsea predicted as ImageNet class {top1}, expected a cat (281-285)"
+
+
+def test_magika_prunes_with_default_settings(tmp_path):
+    """Magika (a TF export) builds shapes from int32 pieces: rewritten pieces must stay int32."""
+    need("magika")
+    from graphprune import api
+
+    result = api.optimize(real.magika_path(), tmp_path / "magika.onnx", ratio=0.3)
+    assert result.plan.units_removed > 0 and result.verification.min_cosine > 0.9

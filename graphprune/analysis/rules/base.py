@@ -63,11 +63,15 @@ _fresh = itertools.count()
 
 
 def constant_input(g: DimGraph, values: list[int], like: ir.Value | None, name: str) -> ir.Value:
-    """A fresh int64 initializer (never edit one in place: it may be shared)."""
-    array = np.asarray(values, dtype=np.int64)
+    """A fresh integer initializer of ``like``'s type (int64 by default; TF exports use int32 shape
+    pieces, and a Concat of shape pieces must keep one type). Never edits one in place: it may be shared."""
+    dtype = np.int64
+    if like is not None and like.const_value is not None and like.const_value.dtype == ir.DataType.INT32:
+        dtype = np.int32
+    array = np.asarray(values, dtype=dtype)
     base = like.name if like is not None and like.name else name
     value = ir.Value(name=f"{base}__gp{next(_fresh)}", shape=ir.Shape(array.shape),
-                     type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(array))
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array))
     g.graph.register_initializer(value)
     return value
 
