@@ -1,0 +1,366 @@
+"""Quality without retraining on the real models: one table, every evaluator, three FLOPs budgets.
+
+Per real model (models/evaluators.py) and per budget (-20%, -35%, -50% MACs through
+``api.optimize(target_flops=...)``; a plain channel ratio where the dense MACs count is 0), the evaluator's
+primary metric for: L2 magnitude without data, and each calibrated criterion (wanda-sp, flap) with FLAP
+bias compensation and with least-squares reconstruction; uniform allocation, and global ranking with
+``--global``. Rows that fail (pruning declined, pruned model rejected by ONNX Runtime) are shown as such.
+
+Calibration data per model, written to .npz files (or a named set) before the runs, disjoint from the
+evaluation data where the data source allows it:
+
+- silero_vad: none possible: the model's inputs include the scalar ``sr`` and the recurrent ``state``
+  (batch on axis 1), which the calibration format (samples on axis 0 of every input) cannot feed.
+- magika: files of this machine with the evaluator's extensions that the evaluator does not use.
+- ppocr_rec: text lines rendered like the evaluator's, from different texts (ocr_texts seed 1) and
+  different rendering noise (seed 2).
+- mobilenet_v2: the named set ``photos-calib`` (the even photos). The evaluator uses all 80 crops, so the
+  calibration photos are half of its evaluation set: unavoidable with one photo collection.
+- minilm: the first 128 Pang & Lee sentences of gensim's test data, padded to 64 tokens (as
+  tools/minilm_calibrated.py); the evaluation sets are word pairs and Lee documents.
+
+Usage: .venv/bin/python tools/quality_table.py [--models silero_vad,magika,...] [--targets 0.2,0.35,0.5]
+       [--global] [--budget 300] [--markdown docs/quality_table.md]
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from graphprune import api
+from graphprune.models import evaluators as ev
+from graphprune.models import real
+
+# (label, criterion, compensation mode) -- mode: "none" (no data), "bias" (FLAP bias compensation),
+# "reconstruct" (least-squares reconstruction of the consumers; bias compensation for the others).
+CONFIGS = [
+    ("l2", "l2", "none"),
+    ("wanda-sp+bias", "wanda-sp", "bias"),
+    ("wanda-sp+rec", "wanda-sp", "reconstruct"),
+    ("flap+bias", "flap", "bias"),
+    ("flap+rec", "flap", "reconstruct"),
+]
+DEFAULT_MODELS = ("silero_vad", "magika", "ppocr_rec", "mobilenet_v2", "minilm")
+# The key of Evaluator.agree shown after the primary metric: how far the pruned model follows the dense one.
+AGREEMENT = {"silero_vad": "same_decision", "magika": "same_label", "ppocr_rec": "cer_to_dense",
+             "mobilenet_v2": "top5", "minilm": "cosine_to_dense"}
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    calibration: Callable[[Path], tuple[str | None, str]]  # scratch dir -> (calib spec or None, description)
+    input_shapes: dict[str, tuple[int, ...]] | None = None
+    round_to: int = 8
+    units: tuple[str, ...] | None = None  # None: api default
+
+
+@dataclass
+class Row:
+    model: str
+    target: float
+    budget_kind: str  # "flops" or "ratio"
+    config: str
+    allocation: str
+    value: float | None = None
+    macs: float | None = None  # achieved relative change of MACs (negative)
+    params: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------- calibration
+
+
+def _no_calibration(_: Path) -> tuple[None, str]:
+    return None, ("none: the inputs include the scalar 'sr' and 'state' with batch on axis 1, which the "
+                  "calibration format (samples on axis 0) cannot feed; only L2 rows")
+
+
+def _magika_calibration(scratch: Path, count: int = 96) -> tuple[str, str]:
+    """Files of the evaluator's roots and extensions that are not among the evaluator's files."""
+    used = {path for path, _ in ev.magika_files()}
+    labels = set(real.magika_labels())
+    extensions = {ext for ext, label in ev.MAGIKA_EXTENSIONS.items() if label in labels}
+    by_ext: dict[str, list[str]] = {}
+    for root in ev._magika_roots():
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d not in ev._SKIP_DIRS]
+            for name in files:
+                ext = os.path.splitext(name)[1].lower()
+                path = os.path.join(folder, name)
+                if ext not in extensions or path in used:
+                    continue
+                try:
+                    if os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) < 64:
+                        continue
+                except OSError:
+                    continue
+                by_ext.setdefault(ext, []).append(path)
+    per_ext = max(1, count // max(1, len(by_ext)))
+    rng = np.random.default_rng(3)
+    chosen: list[str] = []
+    for ext in sorted(by_ext):
+        paths = sorted(by_ext[ext])
+        chosen += [paths[i] for i in sorted(rng.choice(len(paths), min(per_ext, len(paths)), replace=False))]
+    features = np.array([real.magika_features(ev._magika_bytes(p)) for p in chosen], dtype=np.int32)
+    name = _input_names(real.magika_path())[0]
+    path = scratch / "magika_calib.npz"
+    np.savez(path, **{name: features})
+    return str(path), (f"{len(chosen)} files of this machine ({len(by_ext)} extensions), none of the "
+                       f"evaluator's {len(used)}")
+
+
+def _ppocr_calibration(scratch: Path, count: int = 32) -> tuple[str, str]:
+    """Lines rendered like the evaluator's (models/evaluators.py: _ocr_images) from other texts and noise."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    texts = ev.ocr_texts(count, seed=1)
+    evaluation = set(ev.ocr_texts())
+    rng = np.random.default_rng(2)
+    fonts = ev._fonts()
+    images = []
+    for i, text in enumerate(texts):
+        font = fonts[(i + 1) % len(fonts)]
+        left, top, right, bottom = font.getbbox(text)
+        pad = 8
+        size = (right - left + 2 * pad, bottom - top + 2 * pad)
+        background, ink = int(rng.integers(200, 256)), int(rng.integers(0, 70))
+        img = Image.new("L", size, background)
+        ImageDraw.Draw(img).text((pad - left, pad - top), text, fill=ink, font=font)
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(1.0, 2.5))))
+        pixels = np.asarray(img, dtype=np.float32) + rng.normal(0.0, 12.0, (size[1], size[0]))
+        gray = np.clip(pixels, 0, 255).astype(np.uint8)
+        images.append(np.repeat(gray[:, :, None], 3, axis=2))
+    batch = ev._ocr_batch(images)
+    name = _input_names(real.ppocr_rec_path())[0]
+    path = scratch / "ppocr_calib.npz"
+    np.savez(path, **{name: batch})
+    shared = sum(t in evaluation for t in texts)
+    return str(path), (f"{count} lines rendered from ocr_texts(seed=1) ({shared} texts also in the "
+                       f"evaluation set), other noise, {batch.shape[3]} px wide")
+
+
+def _mobilenet_calibration(_: Path) -> tuple[str, str]:
+    return "photos-calib", ("named set photos-calib (40 crops of the even photos); the evaluator scores all "
+                            "80 crops, so half its crops come from calibration photos (unavoidable)")
+
+
+def _minilm_calibration(scratch: Path, count: int = 128) -> tuple[str, str]:
+    import zipfile
+
+    from graphprune.models import minilm
+
+    with zipfile.ZipFile(real.find_wheel("gensim")) as wheel:
+        text = wheel.read("gensim/test/test_data/pang_lee_polarity.cor").decode("latin-1")
+    sentences = [line.strip() for line in text.splitlines() if line.strip()][:count]
+    path = scratch / "minilm_calib.npz"
+    np.savez(path, **minilm.tokenize(sentences, pad_to=64))
+    return str(path), f"first {count} Pang & Lee sentences (gensim test data), 64 tokens; not evaluation data"
+
+
+def _input_names(model: Path) -> list[str]:
+    import onnx
+
+    graph = onnx.load(os.fspath(model), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    return [i.name for i in graph.input if i.name not in initializers]
+
+
+SPECS = {
+    "silero_vad": ModelSpec("silero_vad", _no_calibration),
+    "magika": ModelSpec("magika", _magika_calibration),
+    "ppocr_rec": ModelSpec("ppocr_rec", _ppocr_calibration, {"x": (1, 3, 48, 320)}),
+    "mobilenet_v2": ModelSpec("mobilenet_v2", _mobilenet_calibration, {"input": (1, 3, 224, 224)}),
+    "minilm": ModelSpec("minilm", _minilm_calibration),
+}
+
+
+# ---------------------------------------------------------------------------------------- measuring
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"/\S*/", "", str(exc).strip())  # scratch paths differ between runs
+    lines = text.splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def measure_model(name: str, targets: list[float], allocations: list[str], budget_s: float,
+                  scratch: Path, configs: list[tuple[str, str, str]] | None = None,
+                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    """Dense metric, calibration description and one Row per (target, allocation, config)."""
+    spec = SPECS[name]
+    evaluator = ev.get_evaluator(name)
+    start_model = time.perf_counter()
+    dense = evaluator.dense_model()
+    dense_metrics, dense_pred = evaluator.run(os.fspath(dense))
+    dense_value = dense_metrics[evaluator.primary]
+    calib, calib_note = spec.calibration(scratch)
+    result = {"name": name, "primary": evaluator.primary, "agreement": AGREEMENT.get(name), "higher": evaluator.higher_is_better,
+              "metric": evaluator.metric, "dense": dense_value, "calib": calib_note, "rows": [],
+              "budget_kind": None}
+    pruned = scratch / f"{name}.pruned.onnx"
+    budget_kind = "flops"
+    for target in targets:
+        for allocation in allocations:
+            for label, criterion, mode in configs or CONFIGS:
+                row = Row(name, target, budget_kind, label, allocation)
+                result["rows"].append(row)
+                if mode != "none" and calib is None:
+                    row.error = "no calibration data"
+                    continue
+                if time.perf_counter() - start_model > budget_s:
+                    row.error = "skipped (time budget)"
+                    continue
+                kwargs = {"criterion": criterion, "round_to": spec.round_to, "input_shapes": spec.input_shapes,
+                          "check": False, "allocation": allocation, "calib": calib if mode != "none" else None,
+                          "compensate": mode != "none" if calib is not None else None,
+                          "reconstruct": mode == "reconstruct"}
+                if spec.units is not None:
+                    kwargs["units"] = spec.units
+                t0 = time.perf_counter()
+                try:
+                    if budget_kind == "flops":
+                        out = api.optimize(dense, pruned, target_flops=target, **kwargs)
+                        if not out.before.macs:  # nothing to budget: fall back to channel ratios
+                            budget_kind = row.budget_kind = "ratio"
+                    if budget_kind == "ratio":
+                        out = api.optimize(dense, pruned, ratio=target, **kwargs)
+                    row.macs = out.after.macs / out.before.macs - 1 if out.before.macs else None
+                    row.params = out.after.params / out.before.params - 1
+                    metrics, predictions = evaluator.run(os.fspath(pruned))
+                    row.value = metrics[evaluator.primary]
+                    row.extra = evaluator.agree(dense_pred, predictions)
+                except Exception as exc:  # noqa: BLE001 -- a failing configuration is a result too
+                    row.error = _first_line(exc)
+                row.seconds = time.perf_counter() - t0
+                shown = f"{row.value:.4f}" if row.value is not None else row.error
+                macs = f"{100 * row.macs:+.1f}%" if row.macs is not None else "-"
+                log(f"{name} {target:g} {allocation} {label}: {shown} (MACs {macs}, {row.seconds:.1f} s)")
+    result["budget_kind"] = budget_kind
+    result["seconds"] = time.perf_counter() - start_model
+    return result
+
+
+# ---------------------------------------------------------------------------------------- output
+
+
+def _cell(row: Row, agreement: str | None) -> str:
+    if row.value is None:
+        return "fail" if row.error and not row.error.startswith(("skipped", "no calib")) else "–"
+    macs = f" ({100 * row.macs:+.0f}%)" if row.macs is not None and row.budget_kind == "flops" else ""
+    agree = f" / {row.extra[agreement]:.3f}" if agreement in row.extra else ""
+    return f"{row.value:.3f}{agree}{macs}"
+
+
+def _grid(result: dict) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    configs = list(dict.fromkeys(r.config for r in result["rows"]))
+    keys = list(dict.fromkeys((r.target, r.allocation) for r in result["rows"]))
+    lines = []
+    for target, allocation in keys:
+        cells = {r.config: _cell(r, result.get("agreement")) for r in result["rows"] if (r.target, r.allocation) == (target, allocation)}
+        kind = result["budget_kind"]
+        what = f"−{target:.0%} MACs" if kind == "flops" else f"ratio {target:g}"
+        lines.append((f"{what}, {allocation}", [cells.get(c, "") for c in configs]))
+    return configs, lines
+
+
+def print_tables(results: list[dict]) -> None:
+    console = Console(width=150)
+    for result in results:
+        configs, lines = _grid(result)
+        arrow = "↑" if result["higher"] else "↓"
+        table = Table(title=f"{result['name']}: {result['primary']} {arrow} (dense {result['dense']:.3f})"
+                            f" / {result['agreement']} with dense")
+        table.add_column("budget")
+        for c in configs:
+            table.add_column(c, justify="right")
+        for label, cells in lines:
+            table.add_row(label, *cells)
+        console.print(table)
+        console.print(f"  calibration: {result['calib']}")
+        for r in result["rows"]:
+            if r.error and not r.error.startswith(("skipped", "no calib")):
+                console.print(f"  [red]{r.target:g} {r.allocation} {r.config}[/red]: {r.error}")
+
+
+def markdown(results: list[dict], command: str, wall: float) -> str:
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+    out = ["# Quality table: real models, pruned without retraining", "",
+           (f"Generated by `{command}` on {machine}, {datetime.date.today().isoformat()} "
+           f"({wall / 60:.1f} min). Each cell: the evaluator's primary metric of the pruned model and, in "
+           "brackets, the MACs change achieved (budgets are `api.optimize(target_flops=...)`, rounded to "
+           "multiples of 8 channels). `fail`: the configuration raised or the pruned model did not run "
+           "(first error below the table); `–`: not run (no calibration data or time budget). "
+           "`+bias`: FLAP bias compensation; `+rec`: least-squares reconstruction of the consumers."), ""]
+    for result in results:
+        configs, lines = _grid(result)
+        arrow = "higher is better" if result["higher"] else "lower is better"
+        out += [f"## {result['name']}", "",
+                (f"{result['metric']}; `{result['primary']}`, {arrow}; dense **{result['dense']:.3f}**; after the "
+                 f"slash: `{result['agreement']}` (agreement with the dense model's predictions). "
+                 f"Calibration: {result['calib']}. ({result['seconds']:.0f} s)"), "",
+                "| budget | " + " | ".join(configs) + " |", "|---" * (len(configs) + 1) + "|"]
+        out += ["| " + label + " | " + " | ".join(cells) + " |" for label, cells in lines]
+        errors = {}
+        for r in result["rows"]:
+            if r.error and not r.error.startswith(("skipped", "no calib")):
+                errors.setdefault(r.error, []).append(f"{r.target:g}/{r.allocation}/{r.config}")
+        if errors:
+            out.append("")
+            out += [f"- fail ({'all rows' if len(where) == len(result['rows']) else ', '.join(where)}): `{error}`"
+                    for error, where in errors.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+@click.command()
+@click.option("--models", default=",".join(DEFAULT_MODELS), show_default=True)
+@click.option("--targets", default="0.2,0.35,0.5", show_default=True, help="Shares of MACs to remove.")
+@click.option("--global", "global_rank", is_flag=True, help="Also rows with global allocation.")
+@click.option("--budget", type=float, default=300.0, show_default=True,
+              help="Seconds per model; configurations past it are skipped.")
+@click.option("--configs", default=None, help="Comma-separated subset of " + ",".join(c[0] for c in CONFIGS))
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None)
+@click.option("--reading", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Markdown text appended to --markdown as the reading of the table.")
+def main(models: str, targets: str, global_rank: bool, budget: float, configs: str | None,
+         markdown_path: Path | None, reading: Path | None) -> None:
+    start = time.perf_counter()
+    values = [float(t) for t in targets.split(",") if t.strip()]
+    allocations = ["uniform", "global"] if global_rank else ["uniform"]
+    chosen = [c for c in CONFIGS if configs is None or c[0] in configs.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="quality-table-") as scratch:
+        for name in [m.strip() for m in models.split(",") if m.strip()]:
+            evaluator = ev.get_evaluator(name)
+            if not evaluator.available():
+                print(f"{name}: skipped, wheels not fetched", file=sys.stderr)
+                continue
+            results.append(measure_model(name, values, allocations, budget, Path(scratch), chosen))
+            print_tables(results[-1:])
+    if markdown_path is not None:
+        command = "python tools/quality_table.py " + " ".join(sys.argv[1:])
+        text = markdown(results, command, time.perf_counter() - start)
+        if reading is not None:
+            text += "\n" + reading.read_text()
+        markdown_path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
