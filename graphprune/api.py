@@ -20,7 +20,7 @@ from graphprune.errors import GraphpruneError
 from graphprune.io import load_model, prepare, publish, write_model
 from graphprune.latency import dense_vs_pruned
 from graphprune.metrics import ModelStats, file_size, model_stats
-from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass
+from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass, reconstruct_mode
 from graphprune.plan import PrunePlan
 from graphprune.report import AnalysisReport, GroupSummary, declined_nodes, summarise_groups
 from graphprune.verify import VerifyReport, verify
@@ -114,7 +114,7 @@ def optimize(
     target_flops: float | None = None,
     target_params: float | None = None,
     min_ratio: float = 0.0,
-    reconstruct: bool = False,
+    reconstruct: bool | str = False,
 ) -> OptimizeResult:
     """Prune channels, verify against the original, and (if ``output`` is given) save atomically.
 
@@ -126,7 +126,9 @@ def optimize(
     as "photos"), read by the activation criteria (wanda-sp, flap, act-norm) and by ``compensate``
     (FLAP bias compensation; on by default when ``calib`` is given). ``calib_batches`` caps the batches.
     ``reconstruct``: least-squares reconstruction of the consumers' kept weights on ``calib``
-    (reconstruct.py); it replaces bias compensation for the consumers it reconstructs.
+    (reconstruct.py); it replaces bias compensation for the consumers it reconstructs. True or "one-shot":
+    every consumer fitted on the dense model's activations; "sequential": fitted in topological order on
+    the pruned model's own activations against the dense outputs (a few more passes over ``calib``).
     ``target_flops`` / ``target_params``: the share of the dense MACs / params to *remove* (0.35 = -35%);
     ``ratio`` is then ignored. ``allocation``: uniform, global (= ``global_rank``) or sensitivity (needs
     ``calib``); see allocation.py. ``min_ratio`` / ``max_group_ratio``: per-group bounds of non-uniform
@@ -142,6 +144,7 @@ def optimize(
                               f"choose from {', '.join(UNIT_KINDS)}.")
     if compensate and calib is None:
         raise GraphpruneError("--compensate needs calibration data: give --calib as well.")
+    reconstruct_mode(reconstruct)  # an unknown mode fails here
     if reconstruct and calib is None:
         raise GraphpruneError("--reconstruct needs calibration data: give --calib as well.")
     if calib_batches is not None and calib_batches < 1:

@@ -282,6 +282,10 @@ def analyze(model: Path, as_json: bool) -> None:
 @click.option("--reconstruct", is_flag=True,
               help="Least-squares reconstruction of the consumers' kept weights and biases on --calib data "
                    "(ridge-regularised; replaces --compensate for the consumers it reconstructs).")
+@click.option("--reconstruct-mode", type=click.Choice(["one-shot", "sequential"]), default=None,
+              help="one-shot: fit every consumer on the dense model's activations; sequential: fit them in "
+                   "topological order on the pruned model's own activations (a few more calibration "
+                   "passes). Implies --reconstruct. [default: one-shot]")
 @click.option("--calib-batches", type=int, default=None, help="Use at most this many calibration batches.")
 @click.option("--calib-batch-size", type=int, default=DEFAULTS["calib_batch_size"], show_default=True,
               help="Samples per calibration batch.")
@@ -294,7 +298,8 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
              max_group_ratio: float, round_to: int, units: str, exclude: tuple[str, ...],
              input_shapes: tuple[str, ...],
              samples: int, seed: int, report_path: Path | None, latency: bool, calib: str | None,
-             compensate: bool | None, reconstruct: bool, calib_batches: int | None, calib_batch_size: int,
+             compensate: bool | None, reconstruct: bool, reconstruct_mode: str | None,
+             calib_batches: int | None, calib_batch_size: int,
              evaluator_name: str | None) -> None:
     """Prune MODEL, verify it against the original, write OUTPUT."""
     evaluator = None
@@ -340,7 +345,8 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
                           units=tuple(u.strip() for u in units.split(",") if u.strip()),
                           input_shapes=shapes, samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0,
                           progress=_step, calib=calib, compensate=compensate, calib_batches=calib_batches,
-                          calib_batch_size=calib_batch_size, reconstruct=reconstruct)
+                          calib_batch_size=calib_batch_size,
+                          reconstruct=reconstruct_mode or reconstruct)
     speed = result.latency
     evaluation = None
     if evaluator is not None:
@@ -417,8 +423,9 @@ def _print_result(result: api.OptimizeResult, speed: dict[str, Any] | None, outp
             sliced = reconstruction["mean_relative_error_sliced"]
             rebuilt = reconstruction["mean_relative_error_reconstructed"]
             errors = f" (mean relative calibration error: {sliced:.3g} sliced, {rebuilt:.3g} rebuilt)"
-        out.print(f"Reconstruction: {reconstruction['reconstructed']} consumer(s) reconstructed{errors}, "
-                  f"{len(reconstruction['skipped'])} skipped.")
+        mode = reconstruction.get("mode", "one-shot")
+        out.print(f"Reconstruction ({mode}): {reconstruction['reconstructed']} consumer(s) reconstructed"
+                  f"{errors}, {len(reconstruction['skipped'])} skipped.")
     for change in result.resized:
         out.print(f"[yellow]note:[/] {change['value']} axis {change['axis']} shrinks from {change['before']} "
                   f"to {change['after']}: allocate the smaller cache when calling the pruned model.")

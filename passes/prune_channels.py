@@ -19,9 +19,17 @@ from graphprune.compensate import CompensationReport, compensate_bias
 from graphprune.criteria import ACTIVATION_CRITERIA, stats_requests
 from graphprune.errors import GraphpruneError
 from graphprune.plan import PlanConfig, PrunePlan, excluded, make_plan
-from graphprune.reconstruct import DAMP, MAX_FEATURES, ReconstructionReport, reconstruct_consumers
+from graphprune.reconstruct import (
+    DAMP,
+    MAX_FEATURES,
+    MAX_STAGES,
+    ReconstructionReport,
+    reconstruct_consumers,
+    reconstruct_sequential,
+    sequential_targets,
+)
 from graphprune.report import GroupSummary, summarise_groups
-from graphprune.rewrite import apply_removal, interface_changes
+from graphprune.rewrite import apply_removal, cleanup, interface_changes
 from graphprune.sensitivity import measure_sensitivity
 
 
@@ -35,12 +43,16 @@ class PruneChannelsConfig(PlanConfig):
     ``reconstruct``: least-squares reconstruction of the consumers' kept weights and biases
     (reconstruct.py; needs ``calibration``), ridge ``reconstruct_damp`` relative to the Gram diagonal,
     consumers over ``reconstruct_max_features`` input features (channels × taps) skipped. A reconstructed
-    consumer is not bias-compensated again.
+    consumer is not bias-compensated again. ``reconstruct`` True or "one-shot" fits every consumer on the
+    dense model's activations; "sequential" fits them after slicing, in topological order, on the pruned
+    model's own activations against the dense outputs, in at most ``reconstruct_stages`` stages (each one
+    run of both models over the calibration set).
     """
 
     calibration: Iterable | None = None
     compensate: bool = False
-    reconstruct: bool = False
+    reconstruct: bool | str = False
+    reconstruct_stages: int = MAX_STAGES
     reconstruct_damp: float = DAMP
     reconstruct_max_features: int = MAX_FEATURES
     progress: Callable[[int], None] | None = None
@@ -92,16 +104,44 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         self.summaries = summarise_groups(g, self.groups, self.plan)  # shares of the unpruned model
         self.resized = interface_changes(g, self.plan.removed)
         reconstructed: set = set()
-        if getattr(config, "reconstruct", False):
-            if calibration is None:
-                raise GraphpruneError("reconstruction needs calibration data: give --calib as well.")
+        mode = reconstruct_mode(getattr(config, "reconstruct", False))
+        if mode and calibration is None:
+            raise GraphpruneError("reconstruction needs calibration data: give --calib as well.")
+        sequential = None
+        if mode == "one-shot":
             self.reconstruction, reconstructed = reconstruct_consumers(
                 g, self.plan, calibration, damp=config.reconstruct_damp,
                 max_features=config.reconstruct_max_features, progress=getattr(config, "progress", None))
+        elif mode == "sequential" and self.plan.removed:
+            dense = ir.from_proto(ir.to_proto(model))  # before compensation and slicing
+            self.reconstruction, sequential = sequential_targets(
+                g, self.plan, max_features=config.reconstruct_max_features)
+            reconstructed = {(s.target.use.node, s.target.use.index) for s in sequential}
         if compensate and self.stats is not None:
             self.compensation = compensate_bias(g, self.plan, self.stats, skip=reconstructed)
         apply_removal(g, self.plan.removed)
+        if sequential is not None:
+            reconstruct_sequential(g, dense, sequential, self.reconstruction, calibration,
+                                   damp=config.reconstruct_damp, max_stages=config.reconstruct_stages,
+                                   progress=getattr(config, "progress", None))
+            if sequential:
+                cleanup(model)
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))
+
+
+RECONSTRUCT_MODES = ("one-shot", "sequential")
+
+
+def reconstruct_mode(value: bool | str) -> str:
+    """'' (off), 'one-shot' or 'sequential' from a ``reconstruct`` option (True means one-shot)."""
+    if value is True:
+        return "one-shot"
+    if not value:
+        return ""
+    if value not in RECONSTRUCT_MODES:
+        raise GraphpruneError(f"--reconstruct-mode: unknown mode '{value}'; choose from "
+                              f"{', '.join(RECONSTRUCT_MODES)}.")
+    return value
 
 
 @dataclass

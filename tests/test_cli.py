@@ -205,9 +205,16 @@ def test_optimize_with_calibration_data(resnet, tmp_path):
     result = invoke("optimize", resnet, "-o", out, "--ratio", 0.3, "--no-latency", "--criterion", "flap",
                     "--round-to", 1, "--calib", tmp_path / "calib.npz", "--reconstruct", "--report", report)
     assert result.exit_code == 0, result.output
-    assert "Reconstruction:" in result.stdout
+    assert "Reconstruction (one-shot):" in result.stdout
     settings = json.loads(report.read_text())["settings"]
     assert settings["reconstruction"]["reconstructed"] > 0
+    result = invoke("optimize", resnet, "-o", out, "--ratio", 0.3, "--no-latency", "--criterion", "flap",
+                    "--round-to", 1, "--calib", tmp_path / "calib.npz", "--reconstruct-mode", "sequential",
+                    "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "Reconstruction (sequential):" in result.stdout
+    settings = json.loads(report.read_text())["settings"]
+    assert settings["reconstruction"]["mode"] == "sequential" and settings["reconstruction"]["reconstructed"] > 0
     result = invoke("optimize", resnet, "-o", out, "--ratio", 0.3, "--reconstruct")
     assert result.exit_code == 2 and "--reconstruct needs calibration data" in result.output
     # Without data the criterion falls back and says so; compensation without data is refused.

@@ -245,3 +245,83 @@ def test_memory_bounded_passes_give_the_same_result():
         apply_removal(g, plan.removed)
         outputs.append(run(ir.to_proto(model), calib[0])[0])
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+
+
+# ---------- sequential reconstruction: fitted on the pruned model's own activations ----------------------
+
+
+@pytest.mark.parametrize("kind", ["conv", "gemm", "matmul"])
+def test_sequential_reconstruction_recovers_linearly_dependent_units(kind):
+    proto = _model(kind)
+    calib = _batches(proto)
+    feeds = _batches(proto, count=1, size=5, seed=7)[0]
+    expected = run(proto, feeds)
+    rebuilt, pruning = _prune(proto, calibration=calib, reconstruct="sequential", reconstruct_damp=1e-9)
+    assert [sorted(units) for units in pruning.plan.removed.values()] == [DEPENDENT]
+    report = pruning.reconstruction
+    assert report.mode == "sequential" and len(report.reconstructed) == 1 and not report.skipped
+    assert report.passes == 1
+    assert_close(expected, run(rebuilt, feeds), rtol=1e-4)
+
+
+def _chain(seed: int) -> onnx.ModelProto:
+    """conv -> relu -> conv -> relu -> conv, random weights and biases."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+    widths = [3, 12, 12, 6]
+    source = "x"
+    for i in range(3):
+        w = rng.normal(scale=1 / np.sqrt(9 * widths[i]), size=(widths[i + 1], widths[i], 3, 3))
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(rng.normal(scale=0.1, size=widths[i + 1]).astype(np.float32), f"b{i}")]
+        out = "y" if i == 2 else f"c{i}"
+        nodes.append(helper.make_node("Conv", [source, f"w{i}", f"b{i}"], [out], pads=[1, 1, 1, 1], name=f"conv{i}"))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
+            source = f"r{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sequential_is_never_worse_than_one_shot_on_a_chain(seed):
+    proto = _chain(seed)
+    calib = _batches(proto, count=3, size=8, seed=seed + 10)
+    errors = {}
+    for mode in (True, "sequential"):
+        model = load(proto)
+        pruning = PruneChannelsPass(PruneChannelsConfig(round_to=1, ratio=0.5, criterion="l2", calibration=calib,
+                                                        reconstruct=mode))
+        pruning(model)
+        assert len(pruning.reconstruction.reconstructed) == 2  # conv1 and conv2 lose input channels
+        pruned = ir.to_proto(model)
+        errors[mode] = np.mean([relative_error(run(proto, f)[0], run(pruned, f)[0]) for f in calib])
+    assert pruning.reconstruction.passes == 2  # one stage per consumer
+    assert errors["sequential"] <= errors[True] * (1 + 1e-6)
+
+
+def test_reconstruct_mode_is_checked_and_reported(tmp_path):
+    proto = _model("gemm")
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    np.savez(tmp_path / "calib.npz", x=_batches(proto, count=1)[0]["x"])
+    with pytest.raises(GraphpruneError, match="reconstruct-mode"):
+        api.optimize(path, tmp_path / "out.onnx", ratio=0.25, round_to=1, calib=tmp_path / "calib.npz",
+                     reconstruct="layer-wise")
+    result = api.optimize(path, tmp_path / "out.onnx", ratio=0.25, round_to=1, calib=tmp_path / "calib.npz",
+                          reconstruct="sequential")
+    assert result.settings["reconstruction"]["mode"] == "sequential"
+    assert result.settings["reconstruction"]["reconstructed"] == 1
+
+
+def test_sequential_stages_follow_dependencies_and_respect_the_cap():
+    proto = _chain(0)
+    calib = _batches(proto, count=2, size=4)
+    for stages, passes in ((64, 2), (1, 1)):
+        model = load(proto)
+        pruning = PruneChannelsPass(PruneChannelsConfig(round_to=1, ratio=0.5, criterion="l2", calibration=calib,
+                                                        reconstruct="sequential", reconstruct_stages=stages))
+        pruning(model)
+        assert pruning.reconstruction.passes == passes
+        assert len(pruning.reconstruction.reconstructed) == 2

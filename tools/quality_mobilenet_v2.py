@@ -8,6 +8,7 @@ top 5) and the mean cosine of the logits. No ImageNet labels exist offline: this
 Usage: .venv/bin/python tools/quality_mobilenet_v2.py [--ratios 0.2,0.3] [--round-to 16] [--markdown TABLE.md]
        .venv/bin/python tools/quality_mobilenet_v2.py --target-flops 0.35   # budget rows: allocations
        .venv/bin/python tools/quality_mobilenet_v2.py --reconstruction      # least-squares reconstruction rows
+       .venv/bin/python tools/quality_mobilenet_v2.py --reconstruction --sequential  # + sequential rows
 Results and their reading: docs/quality_mobilenet_v2.md.
 """
 
@@ -52,8 +53,10 @@ BUDGET_CONFIGS = [("l2", False, "uniform")] + [
 ]
 
 # With --reconstruction: (criterion, calibration + compensation, reconstruction); the first row is plain L2.
+# The "sequential" rows only with --sequential.
 RECONSTRUCTION_CONFIGS = [("l2", False, False)] + [
-    (criterion, True, reconstruct) for criterion in ("l2", "wanda-sp", "flap") for reconstruct in (False, True)
+    (criterion, True, reconstruct) for criterion in ("l2", "wanda-sp", "flap")
+    for reconstruct in (False, True, "sequential")
 ]
 
 
@@ -63,7 +66,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def measure(ratios: list[float], round_to: int, target_flops: float | None = None,
-            max_ratio: float = 0.9, reconstruction: bool = False) -> tuple[list[dict], int, int]:
+            max_ratio: float = 0.9, reconstruction: bool = False,
+            sequential: bool = False) -> tuple[list[dict], int, int]:
     dense = export_mobilenet_v2()
     rows = photo_rows("eval", len(VIEWS))
     batch = imagenet_batch(224, VIEWS)[rows]
@@ -75,13 +79,14 @@ def measure(ratios: list[float], round_to: int, target_flops: float | None = Non
         if target_flops is not None:
             runs = [(None, c, calibrated, calibrated, allocation)
                     for c, calibrated, allocation in BUDGET_CONFIGS]
-        rebuilt: set[int] = set()  # indices of runs with least-squares reconstruction
+        rebuilt: dict[int, bool | str] = {}  # run index -> reconstruct option
         if reconstruction:  # reconstruction rows only (each with bias compensation of the other consumers)
-            rebuilt = {i for i, config in enumerate(RECONSTRUCTION_CONFIGS * len(ratios)) if config[2]}
+            configs = [c for c in RECONSTRUCTION_CONFIGS if sequential or c[2] != "sequential"]
+            rebuilt = {i: config[2] for i, config in enumerate(configs * len(ratios)) if config[2]}
             runs = [(ratio, c, calibrated, calibrated, "uniform") for ratio in ratios
-                    for c, calibrated, _ in RECONSTRUCTION_CONFIGS]
+                    for c, calibrated, _ in configs]
         for index, (ratio, criterion, calibrated, compensate, allocation) in enumerate(runs):
-            reconstruct = index in rebuilt
+            reconstruct = rebuilt.get(index, False)
             path = Path(tmp) / "pruned.onnx"
             start = time.perf_counter()
             budget = {} if ratio is not None else {"target_flops": target_flops, "allocation": allocation,
@@ -95,13 +100,14 @@ def measure(ratios: list[float], round_to: int, target_flops: float | None = Non
             results.append({
                 "ratio": ratio, "criterion": criterion, "compensate": compensate, "allocation": allocation,
                 "reconstruct": reconstruct,
+                "reconstruction": result.settings.get("reconstruction"),
                 "used": ", ".join(result.settings["criteria_used"]),
                 "macs": result.after.macs / result.before.macs - 1,
                 "params": result.after.params / result.before.params - 1,
                 "top1": agreement["top1"], "top5": agreement["top5"], "cosine": cosine(reference, logits),
                 "seconds": seconds,
             })
-            print(f"ratio {ratio} {allocation} {criterion:8s} comp={compensate!s:5s} rec={reconstruct!s:5s} "
+            print(f"ratio {ratio} {allocation} {criterion:8s} comp={compensate!s:5s} rec={reconstruct!s:10s} "
                   f"top1 {agreement['top1']:.3f} top5 {agreement['top5']:.3f} cos {results[-1]['cosine']:.4f} ({seconds:.1f} s)",
                   file=sys.stderr)
     return results, len(batch), len(imagenet_batch(224, VIEWS)) - len(batch)
@@ -120,6 +126,8 @@ def markdown(results: list[dict], images: int) -> str:
 
 
 def _compensation(r: dict) -> str:
+    if r.get("reconstruct") == "sequential":
+        return "sequential reconstruction"
     if r.get("reconstruct"):
         return "reconstruction"
     return "bias" if r["compensate"] else "no"
@@ -137,12 +145,14 @@ def _ratio(r: dict) -> str:
 @click.option("--max-ratio", type=float, default=0.9, show_default=True, help="Per-group cap for budgets.")
 @click.option("--reconstruction", is_flag=True,
               help="Instead of the criteria rows: L2, wanda-sp and flap with bias compensation vs reconstruction.")
+@click.option("--sequential", is_flag=True, help="With --reconstruction: add sequential reconstruction rows.")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None,
               help="Also write the table (markdown) to this file.")
 def main(ratios: str, round_to: int, target_flops: float | None, max_ratio: float,
-         markdown_path: Path | None, reconstruction: bool) -> None:
+         markdown_path: Path | None, reconstruction: bool, sequential: bool) -> None:
     values = [float(r) for r in ratios.split(",") if r.strip()]
-    results, images, calib_images = measure(values, round_to, target_flops, max_ratio, reconstruction)
+    results, images, calib_images = measure(values, round_to, target_flops, max_ratio, reconstruction,
+                                             sequential)
     table = Table(title=f"MobileNetV2 (ImageNet weights): agreement with dense on {images} held-out photo "
                         f"crops (calibration: {calib_images} crops of other photos)")
     for name in ("ratio", "MACs", "params", "criterion", "comp.", "top-1", "top-5", "cosine"):
