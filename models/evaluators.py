@@ -216,14 +216,22 @@ def ocr_texts(n: int = OCR_LINES, seed: int = 0) -> list[str]:
 
 @lru_cache(maxsize=1)
 def _ocr_images() -> tuple[tuple[str, ...], tuple[np.ndarray, ...]]:
-    """Rendered lines (uint8 H x W x 3): dark text on a light background, Gaussian blur, pixel noise."""
+    texts = ocr_texts()
+    return tuple(texts), render_lines(texts, seed=1)
+
+
+def render_lines(texts: Sequence[str], seed: int, font_offset: int = 0) -> tuple[np.ndarray, ...]:
+    """Rendered lines (uint8 H x W x 3): dark text on a light background, Gaussian blur, pixel noise.
+
+    ``seed`` draws the shades, blur and noise; ``font_offset`` rotates which font draws which line.
+    """
     from PIL import Image, ImageDraw, ImageFilter
 
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     fonts = _fonts()
-    texts, images = ocr_texts(), []
+    images = []
     for i, text in enumerate(texts):
-        font = fonts[i % len(fonts)]
+        font = fonts[(i + font_offset) % len(fonts)]
         left, top, right, bottom = font.getbbox(text)
         pad = 8
         size = (right - left + 2 * pad, bottom - top + 2 * pad)
@@ -234,7 +242,7 @@ def _ocr_images() -> tuple[tuple[str, ...], tuple[np.ndarray, ...]]:
         pixels = np.asarray(img, dtype=np.float32) + rng.normal(0.0, 12.0, (size[1], size[0]))
         gray = np.clip(pixels, 0, 255).astype(np.uint8)
         images.append(np.repeat(gray[:, :, None], 3, axis=2))
-    return tuple(texts), tuple(images)
+    return tuple(images)
 
 
 def _ocr_batch(images: Sequence[np.ndarray]) -> np.ndarray:

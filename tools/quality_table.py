@@ -127,26 +127,10 @@ def _magika_calibration(scratch: Path, count: int = 96) -> tuple[str, str]:
 
 
 def _ppocr_calibration(scratch: Path, count: int = 32) -> tuple[str, str]:
-    """Lines rendered like the evaluator's (models/evaluators.py: _ocr_images) from other texts and noise."""
-    from PIL import Image, ImageDraw, ImageFilter
-
+    """Lines rendered like the evaluator's (models/evaluators.py: render_lines) from other texts and noise."""
     texts = ev.ocr_texts(count, seed=1)
     evaluation = set(ev.ocr_texts())
-    rng = np.random.default_rng(2)
-    fonts = ev._fonts()
-    images = []
-    for i, text in enumerate(texts):
-        font = fonts[(i + 1) % len(fonts)]
-        left, top, right, bottom = font.getbbox(text)
-        pad = 8
-        size = (right - left + 2 * pad, bottom - top + 2 * pad)
-        background, ink = int(rng.integers(200, 256)), int(rng.integers(0, 70))
-        img = Image.new("L", size, background)
-        ImageDraw.Draw(img).text((pad - left, pad - top), text, fill=ink, font=font)
-        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(1.0, 2.5))))
-        pixels = np.asarray(img, dtype=np.float32) + rng.normal(0.0, 12.0, (size[1], size[0]))
-        gray = np.clip(pixels, 0, 255).astype(np.uint8)
-        images.append(np.repeat(gray[:, :, None], 3, axis=2))
+    images = ev.render_lines(texts, seed=2, font_offset=1)
     batch = ev._ocr_batch(images)
     name = _input_names(real.ppocr_rec_path())[0]
     path = scratch / "ppocr_calib.npz"
