@@ -95,14 +95,12 @@ def infer_shapes(model: ir.Model) -> None:
 def _contrib_op_shapes(model: ir.Model) -> bool:
     """Shapes after com.microsoft ops (fused attention, SkipLayerNormalization), which ONNX's
     inference does not know, from ONNX Runtime's symbolic inference when it is installed."""
-    missing = {v.name: v for node in model.graph if node.domain not in ("", "ai.onnx")
-               for v in node.outputs if v.shape is None}
-    if not missing:
+    if not any(v.shape is None for node in model.graph if node.domain not in ("", "ai.onnx")
+               for v in node.outputs):
         return False
-    proto = _light_proto(model)
     # Shapes of everything reachable from the contrib ops are what the runtime's inference adds.
     missing = {v.name: v for node in model.graph for v in node.outputs if v.shape is None}
-    found = _symbolic_inference(proto, concrete=False)
+    found = _symbolic_inference(_light_proto(model), concrete=False)
     changed = False
     for name, dims in found.items():
         value = missing.get(name)
@@ -202,7 +200,10 @@ def _concrete_shapes(model: ir.Model, extent: int) -> dict[str, list[int | None]
     shapes: dict[str, list[int | None]] = {}
     # ONNX's inference first; ONNX Runtime's symbolic inference (when installed) follows shape
     # arithmetic further (Expand/Where/Range chains of attention masks) and knows contrib ops.
+    produced = {name for node in graph.node for name in node.output if name}
     for infer in (_onnx_inference, _symbolic_inference):
+        if all(None not in shapes.get(name, [None]) for name in produced):
+            break  # ONNX's inference knew every extent: the second opinion adds nothing
         for name, dims in infer(proto).items():
             known = shapes.get(name)
             if known is None or len(known) != len(dims):

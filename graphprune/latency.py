@@ -118,13 +118,10 @@ def dense_vs_pruned(dense: ModelLike, pruned: ModelLike, overrides: Mapping[str,
     ``resized`` (KV caches that pruning shrank): the pruned model gets the kept slice of those inputs.
     """
     from graphprune.inputs import make_inputs
+    from graphprune.verify import take_kept
 
     inputs = make_inputs(dense, overrides=overrides, seed=seed)
-    smaller = dict(inputs)
-    for change in resized:
-        if change["value"] in smaller:
-            smaller[change["value"]] = np.take(smaller[change["value"]], change["kept"], axis=change["axis"])
-    results = compare_latency([dense, pruned], [inputs, smaller], rounds=rounds)
+    results = compare_latency([dense, pruned], [inputs, take_kept(inputs, resized)], rounds=rounds)
     return {
         "rounds": rounds,
         "inputs": {name: list(value.shape) for name, value in inputs.items()},

@@ -204,5 +204,5 @@ def _refine(value: ir.Value, found: Entries | None) -> bool:
         if not isinstance(d, int) and isinstance(f, int) and f >= 0:
             dims[k], changed = f, True
     if changed:
-        value.shape = ir.Shape([d if isinstance(d, int) else (d if d is not None else None) for d in dims])
+        value.shape = ir.Shape(dims)
     return changed

@@ -189,14 +189,15 @@ def verify(
             shapes = ", ".join(f"{name}:{'x'.join(map(str, a.shape))}" for name, a in feeds.items())
             raise GraphpruneError(f"{str(err).rstrip('.')}. The generated inputs ({shapes}) may not suit this model: give its "
                                   "input shapes with --input-shape NAME:DIMS.") from err
-        new = run_session(new_session, _take_kept(feeds, resized), new_label)
-        ref = _take_kept(ref, resized)
+        new = run_session(new_session, take_kept(feeds, resized), new_label)
+        ref = take_kept(ref, resized)
         _check_shapes(ref, new)
         per_sample.append(fidelity(ref, new))
     return VerifyReport(samples=len(per_sample), outputs=_aggregate(per_sample))
 
 
-def _take_kept(arrays: Feeds, resized: Sequence[Mapping[str, Any]]) -> Feeds:
+def take_kept(arrays: Feeds, resized: Sequence[Mapping[str, Any]]) -> Feeds:
+    """The kept slices of the arrays named by ``resized`` (KV caches that pruning shrank); the rest as is."""
     out = dict(arrays)
     for change in resized:
         name = change["value"]

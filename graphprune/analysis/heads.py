@@ -20,7 +20,8 @@ from __future__ import annotations
 from graphprune.analysis.dims import Atom
 from graphprune.analysis.graph import DimGraph
 
-HEAD_KINDS = ("head", "head-repeat", "head-dim")
+# A var seen both as a repeat and as a head is a repeat; a head-dim seen as a head is a head.
+KIND_RANK = {"head-repeat": 0, "head": 1, "head-dim": 2}
 
 
 def classify_heads(g: DimGraph) -> None:
@@ -50,7 +51,3 @@ def classify_heads(g: DimGraph) -> None:
         for root in space.atoms(free):
             if space.vars[root].kind == "channel" and not space.is_blocked(root):
                 space.vars[root].kind = "head-dim"
-
-
-# A var seen both as a repeat and as a head is a repeat; a head-dim seen as a head is a head.
-KIND_RANK = {"head-repeat": 0, "head": 1, "head-dim": 2}

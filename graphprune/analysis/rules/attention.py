@@ -150,6 +150,15 @@ def _cache(g: DimGraph, value: ir.Value | None, batch: Expr, heads: Expr, width:
     g.tie(axes[3], width)
 
 
+def _scores_output(g: DimGraph, node: ir.Node, index: int, heads: Expr) -> None:
+    """The optional [batch, heads, query, key] scores output: its head axis follows the heads."""
+    if _output(node, index) is None:
+        return
+    qk = g.axes(node.outputs[index])
+    g.tie(qk[1], heads)
+    block_axes(g, [qk[0], qk[2], qk[3]], f"attention scores of {where(node)}")
+
+
 # ---- com.microsoft Attention -------------------------------------------------------------------
 @rule("Attention", domain=MICROSOFT)
 def ms_attention(node: ir.Node, g: DimGraph) -> None:
@@ -269,10 +278,7 @@ def ms_multi_head_attention(node: ir.Node, g: DimGraph) -> None:
     _block_input(g, node, 9, "cache indirection")
     _cache(g, _output(node, 1), q[0], h, dq, f"present key of {where(node)}")
     _cache(g, _output(node, 2), q[0], h, dv, f"present value of {where(node)}")
-    if _output(node, 3) is not None:
-        qk = g.axes(node.outputs[3])
-        g.tie(qk[1], h)
-        block_axes(g, [qk[0], qk[2], qk[3]], f"attention scores of {where(node)}")
+    _scores_output(g, node, 3, h)
     _heads_hook(g, node, {"num_heads": h})
 
 
@@ -330,10 +336,7 @@ def ms_group_query_attention(node: ir.Node, g: DimGraph) -> None:
         if norm is not None:
             g.tie((g.operand(node, index) if g.is_param(norm) else g.axes(norm))[0], d)
     _block_input(g, node, 16, "query sequence lengths")
-    if _output(node, 3) is not None:
-        qk = g.axes(node.outputs[3])
-        g.tie(qk[1], hq)
-        block_axes(g, [qk[0], qk[2], qk[3]], f"attention scores of {where(node)}")
+    _scores_output(g, node, 3, hq)
     _heads_hook(g, node, {"num_heads": hq, "kv_num_heads": kv})
 
 
@@ -431,10 +434,7 @@ def onnx_attention(node: ir.Node, g: DimGraph) -> None:
     _block_input(g, node, 6, "non-padding key lengths")
     _cache(g, _output(node, 1), batch[0], kv, d, f"present key of {where(node)}")
     _cache(g, _output(node, 2), batch[0], kv, dv, f"present value of {where(node)}")
-    if _output(node, 3) is not None:
-        qk = g.axes(node.outputs[3])
-        g.tie(qk[1], hq)
-        block_axes(g, [qk[0], qk[2], qk[3]], f"attention scores of {where(node)}")
+    _scores_output(g, node, 3, hq)
 
 
 # ---- normalisations ------------------------------------------------------------------------------
