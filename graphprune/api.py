@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from graphprune.analysis import build_dim_graph
 from graphprune.analysis.groups import DEFAULT_KINDS, UNIT_KINDS, find_groups
+from graphprune.calibration import input_shapes as declared_shapes
 from graphprune.calibration import load_calibration, model_inputs
 from graphprune.errors import GraphpruneError
 from graphprune.io import load_model, prepare, publish, write_model
@@ -171,8 +172,9 @@ def optimize(
                                  reconstruct=reconstruct)
     if calib is not None:
         names, ranks, dtypes = model_inputs(loaded)
+        shapes = {**declared_shapes(loaded), **{k: tuple(v) for k, v in (input_shapes or {}).items()}}
         config.calibration = load_calibration(calib, names, calib_batch_size, ranks=ranks, dtypes=dtypes,
-                                              max_batches=calib_batches)
+                                              max_batches=calib_batches, shapes=shapes)
     pruning = PruneChannelsPass(config)
     doing = (("collecting activation statistics, " if calib is not None else "")
              + ("measuring sensitivity, " if allocation == "sensitivity" else "") + "analysing and pruning")

@@ -32,14 +32,17 @@ EXTENSIONS = (".npz", ".npy")
 # ---------- named datasets ----------------------------------------------------------------------
 
 
-def _photos(part: str) -> Callable[[Sequence[str], int], Iterator[Feeds]]:
-    """ImageNet-normalised 224x224 photo crops (models/photos.py); parts split by photo, not by crop.
+def _photos(part: str) -> Callable[..., Iterator[Feeds]]:
+    """ImageNet-normalised photo crops (models/photos.py); parts split by photo, not by crop.
 
     ``calib``: the photos at even positions of the sorted photo list (all their views), ``eval``: the odd
-    ones, ``all``: every crop. Views of one photo never fall on both sides of the split.
+    ones, ``all``: every crop. Views of one photo never fall on both sides of the split. The crops take the
+    model input's layout and size where its shape says them: NCHW or NHWC (the axis of extent 3 is the
+    colour axis), height and width when static (224 x 224 otherwise).
     """
 
-    def batches(input_names: Sequence[str], batch_size: int) -> Iterator[Feeds]:
+    def batches(input_names: Sequence[str], batch_size: int,
+                shapes: Mapping[str, Sequence] | None = None) -> Iterator[Feeds]:
         try:
             from graphprune.models.photos import VIEWS, imagenet_batch
         except ImportError as exc:  # scikit-image is a dev dependency
@@ -47,12 +50,30 @@ def _photos(part: str) -> Callable[[Sequence[str], int], Iterator[Feeds]]:
         if len(input_names) != 1:
             raise GraphpruneError(f"the 'photos' calibration set feeds a single image input; the model has "
                                   f"{len(input_names)} inputs ({', '.join(input_names)}).")
+        name = input_names[0]
+        channels_last, size = image_layout(name, (shapes or {}).get(name))
         rows = photo_rows(part, len(VIEWS))
-        images = imagenet_batch(224, VIEWS)[rows]
+        images = imagenet_batch(size, VIEWS)[rows]
+        if channels_last:
+            images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
         for start in range(0, len(images), batch_size):
-            yield {input_names[0]: images[start : start + batch_size]}
+            yield {name: images[start : start + batch_size]}
 
     return batches
+
+
+def image_layout(name: str, shape: Sequence | None) -> tuple[bool, tuple[int, int]]:
+    """(channels last?, (height, width)) of an image input from its declared shape (None: unknown)."""
+    if shape is None:
+        return False, (224, 224)
+    dims = list(shape)
+    if len(dims) != 4:
+        raise GraphpruneError(f"the 'photos' calibration set feeds images of rank 4; input '{name}' has rank "
+                              f"{len(dims)}: give --calib an .npz of its own data instead.")
+    channels_last = dims[1] != 3 and dims[3] == 3
+    spatial = dims[1:3] if channels_last else dims[2:4]
+    size = tuple(int(d) if isinstance(d, int) and d > 0 else 224 for d in spatial)
+    return channels_last, (size[0], size[1])
 
 
 def photo_rows(part: str, views: int) -> np.ndarray:
@@ -86,9 +107,10 @@ class CalibrationSet:
     ranks: Mapping[str, int] | None = None
     dtypes: Mapping[str, np.dtype] | None = None
     max_batches: int | None = None
+    shapes: Mapping[str, tuple] | None = None  # declared input shapes (ints, or None where symbolic)
 
     def __iter__(self) -> Iterator[Feeds]:
-        source = DATASETS[self.spec](self.input_names, self.batch_size) if self.spec in DATASETS \
+        source = DATASETS[self.spec](self.input_names, self.batch_size, self.shapes) if self.spec in DATASETS \
             else _rechunk(self._file_samples(), self.batch_size)
         for count, feeds in enumerate(source):
             if self.max_batches is not None and count >= self.max_batches:
@@ -172,7 +194,8 @@ def _join(parts: list[Feeds]) -> Feeds:
 
 def load_calibration(spec: str | os.PathLike, input_names: Sequence[str], batch_size: int = 8, *,
                      ranks: Mapping[str, int] | None = None, dtypes: Mapping[str, np.dtype] | None = None,
-                     max_batches: int | None = None) -> CalibrationSet:
+                     max_batches: int | None = None, shapes: Mapping[str, tuple] | None = None
+                     ) -> CalibrationSet:
     """A re-iterable stream of feed dicts for ``input_names``; checks the spec exists now, contents later."""
     if batch_size < 1:
         raise GraphpruneError(f"--calib batch size must be 1 or more: got {batch_size}.")
@@ -184,10 +207,16 @@ def load_calibration(spec: str | os.PathLike, input_names: Sequence[str], batch_
                                   f"({', '.join(DATASETS)}).")
         if path.is_file() and path.suffix not in EXTENSIONS:
             raise GraphpruneError(f"--calib {text}: not an .npz or .npy file.")
-    calib = CalibrationSet(text, tuple(input_names), batch_size, ranks, dtypes, max_batches)
+    calib = CalibrationSet(text, tuple(input_names), batch_size, ranks, dtypes, max_batches, shapes)
     if text not in DATASETS:
         calib.files()  # an empty folder fails now
     return calib
+
+
+def input_shapes(model: ir.Model) -> dict[str, tuple]:
+    """Declared shapes of a model's (non-initializer) inputs: ints, None where symbolic or unknown."""
+    return {value.name: tuple(d if isinstance(d, int) else None for d in value.shape)
+            for value in model.graph.inputs if value.const_value is None and value.shape is not None}
 
 
 def model_inputs(model: ir.Model) -> tuple[list[str], dict[str, int], dict[str, np.dtype]]:

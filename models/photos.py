@@ -4,7 +4,9 @@ The set: every real photograph bundled inside scikit-image (no pooch download), 
 chelsea (a cat), coffee, rocket, the two stereo motorcycle views, hubble_deep_field, retina,
 immunohistochemistry, and the grayscale camera, coins, moon, clock, page, text, brick, grass, gravel, cell,
 microaneurysms (grayscale is replicated to 3 channels) -- 20 photos -- plus scikit-learn's china.jpg and
-flower.jpg when scikit-learn happens to be installed. Synthetic images (logo, colorwheel, horse
+flower.jpg when scikit-learn happens to be installed, plus the 29 photographs of Debian's opencv-doc
+samples (models.real.OPENCV_PHOTOS: fruit, animals, buildings, street and aerial views, objects) when
+tools/fetch_models.py has put them in the cache. Synthetic images (logo, colorwheel, horse
 silhouette, checkerboard, phantom) and the 25x25 lfw faces are left out.
 
 Each photo gives several views (center crop, its mirror, two off-center crops), 80 images by default, so
@@ -69,9 +71,20 @@ def _sklearn_photos() -> dict[str, np.ndarray]:
     return {name.removesuffix(".jpg"): load_sample_image(name) for name in SKLEARN_PHOTOS}
 
 
+def _opencv_photos() -> dict[str, np.ndarray]:
+    import skimage.io
+
+    from graphprune.models.real import OPENCV_PHOTOS, opencv_photos_dir
+
+    folder = opencv_photos_dir()
+    if not all((folder / name).exists() for name in OPENCV_PHOTOS):
+        return {}  # not fetched: the set is scikit-image's (and scikit-learn's) photos only
+    return {"opencv_" + name.rsplit(".", 1)[0]: skimage.io.imread(folder / name) for name in OPENCV_PHOTOS}
+
+
 @lru_cache(maxsize=1)
 def _photos() -> tuple[tuple[str, np.ndarray], ...]:
-    photos = {**_skimage_photos(), **_sklearn_photos()}
+    photos = {**_skimage_photos(), **_sklearn_photos(), **_opencv_photos()}
     return tuple((name, _to_rgb(img)) for name, img in sorted(photos.items()))
 
 
@@ -80,44 +93,46 @@ def load_photos() -> dict[str, np.ndarray]:
     return {name: img.copy() for name, img in _photos()}
 
 
-def _resize_shorter(img: np.ndarray, shorter: int) -> np.ndarray:
+def _resize_cover(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Scaled (aspect kept) so that it covers height x width enlarged by 256/224, the usual eval resize."""
     from skimage.transform import resize
 
     h, w = img.shape[:2]
-    scale = shorter / min(h, w)
-    shape = (max(shorter, round(h * scale)), max(shorter, round(w * scale)))
+    scale = max(height * 256 / 224 / h, width * 256 / 224 / w)
+    shape = (max(height, round(h * scale)), max(width, round(w * scale)))
     # resize returns float64 in [0, 1] for uint8 input; anti-aliasing matters when shrinking big photos.
     return resize(img, shape, order=1, anti_aliasing=scale < 1).astype(np.float32)
 
 
-def _crop(img: np.ndarray, size: int, view: str) -> np.ndarray:
+def _crop(img: np.ndarray, height: int, width: int, view: str) -> np.ndarray:
     h, w = img.shape[:2]
     if view in ("center", "flip"):
-        top, left = (h - size) // 2, (w - size) // 2
+        top, left = (h - height) // 2, (w - width) // 2
     elif view == "first":
         top, left = 0, 0
     elif view == "last":
-        top, left = h - size, w - size
+        top, left = h - height, w - width
     else:
         raise ValueError(f"unknown view {view!r}; use {VIEWS}")
-    out = img[top : top + size, left : left + size]
+    out = img[top : top + height, left : left + width]
     return out[:, ::-1] if view == "flip" else out
 
 
 @lru_cache(maxsize=8)
-def _batch(size: int, views: tuple[str, ...]) -> np.ndarray:
-    shorter = round(size * 256 / 224)
+def _batch(height: int, width: int, views: tuple[str, ...]) -> np.ndarray:
     crops = []
     for _name, img in _photos():
-        resized = _resize_shorter(img, shorter)
-        crops += [_crop(resized, size, view) for view in views]
+        resized = _resize_cover(img, height, width)
+        crops += [_crop(resized, height, width, view) for view in views]
     batch = (np.stack(crops) - IMAGENET_MEAN) / IMAGENET_STD
     return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
-def imagenet_batch(size: int = 224, views: tuple[str, ...] = VIEWS) -> np.ndarray:
-    """[N, 3, size, size] float32, ImageNet-normalised; row order matches batch_names(views)."""
-    return _batch(size, tuple(views)).copy()
+def imagenet_batch(size: int | tuple[int, int] = 224, views: tuple[str, ...] = VIEWS) -> np.ndarray:
+    """[N, 3, H, W] float32, ImageNet-normalised; row order matches batch_names(views). ``size``: H = W,
+    or (H, W)."""
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return _batch(height, width, tuple(views)).copy()
 
 
 def batch_names(views: tuple[str, ...] = VIEWS) -> list[str]:

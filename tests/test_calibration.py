@@ -106,6 +106,18 @@ def test_named_dataset_photos():
     assert calib[0]["input"].shape == (16, 3, 224, 224)
 
 
+def test_named_photos_follow_the_input_layout_and_size():
+    pytest.importorskip("skimage")
+    nhwc = next(iter(load_calibration("photos-calib", ["img"], 4, shapes={"img": (None, 160, 192, 3)})))
+    nchw = next(iter(load_calibration("photos-calib", ["img"], 4, shapes={"img": (1, 3, 160, 192)})))
+    assert nhwc["img"].shape == (4, 160, 192, 3) and nchw["img"].shape == (4, 3, 160, 192)
+    np.testing.assert_array_equal(nhwc["img"], nchw["img"].transpose(0, 2, 3, 1))
+    symbolic = next(iter(load_calibration("photos-calib", ["img"], 2, shapes={"img": (None, 3, None, None)})))
+    assert symbolic["img"].shape == (2, 3, 224, 224)
+    with pytest.raises(GraphpruneError, match="rank 4; input 'ids' has rank 2"):
+        next(iter(load_calibration("photos-calib", ["ids"], 2, shapes={"ids": (1, 128)})))
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "no such file"),
     (lambda d: np.savez(d / "c.npz", y=np.zeros((2, 3))), "no array for input(s) x"),

