@@ -116,6 +116,7 @@ def optimize(
     target_params: float | None = None,
     min_ratio: float = 0.0,
     reconstruct: bool | str = False,
+    protect: tuple[str, ...] = (),
 ) -> OptimizeResult:
     """Prune channels, verify against the original, and (if ``output`` is given) save atomically.
 
@@ -124,7 +125,8 @@ def optimize(
     ``latency_rounds``: time dense vs pruned on ONNX Runtime CPU, interleaved (0: skip).
     ``progress``: called with a step's description, returns a context manager around the step.
     ``calib``: calibration data (calibration.load_calibration: .npz/.npy file, folder, or a named set such
-    as "photos"), read by the activation criteria (wanda-sp, flap, act-norm) and by ``compensate``
+    as "photos"), read by the activation criteria (wanda-sp, flap, act-norm), obs (Gram matrices) and by
+    ``compensate``
     (FLAP bias compensation; on by default when ``calib`` is given). ``calib_batches`` caps the batches.
     ``reconstruct``: least-squares reconstruction of the consumers' kept weights on ``calib``
     (reconstruct.py); it replaces bias compensation for the consumers it reconstructs. True or "one-shot":
@@ -134,6 +136,8 @@ def optimize(
     ``ratio`` is then ignored. ``allocation``: uniform, global (= ``global_rank``) or sensitivity (needs
     ``calib``); see allocation.py. ``min_ratio`` / ``max_group_ratio``: per-group bounds of non-uniform
     allocations and budgets. The achieved MACs/params reduction is counted on the pruned model.
+    ``protect``: group roles left whole; "residual": the groups that pass through a sum of activations
+    (residual streams).
     """
     if not 0.0 <= ratio < 1.0:
         raise GraphpruneError(f"--ratio must be in [0, 1): got {ratio}.")
@@ -169,7 +173,7 @@ def optimize(
                                  exclude=tuple(exclude), max_group_ratio=max_group_ratio, seed=seed,
                                  kinds=tuple(units), compensate=compensate, allocation=allocation,
                                  target_flops=target_flops, target_params=target_params, min_ratio=min_ratio,
-                                 reconstruct=reconstruct)
+                                 reconstruct=reconstruct, protect=tuple(protect))
     if calib is not None:
         names, ranks, dtypes = model_inputs(loaded)
         shapes = {**declared_shapes(loaded), **{k: tuple(v) for k, v in (input_shapes or {}).items()}}
@@ -205,7 +209,8 @@ def optimize(
         if output is not None:
             publish(staged, Path(output))
     settings = {"model": label, "ratio": ratio, "criterion": criterion, "global": global_rank,
-                "round_to": round_to, "exclude": list(exclude), "units": list(units), "seed": seed,
+                "round_to": round_to, "exclude": list(exclude), "protect": list(protect), "units": list(units),
+                "seed": seed,
                 "calib": None if calib is None else os.fspath(calib), "compensate": compensate,
                 "criteria_used": sorted({d.criterion for d in pruning.plan.decisions if d.criterion}),
                 "compensation": pruning.compensation.to_dict() if pruning.compensation else None,

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from graphprune import api
 from graphprune.allocation import ALLOCATIONS
-from graphprune.analysis.groups import DEFAULT_KINDS
+from graphprune.analysis.groups import DEFAULT_KINDS, PROTECTABLE
 from graphprune.criteria import CRITERIA
 from graphprune.errors import GraphpruneError
 from graphprune.inputs import parse_shape_overrides, resolve_shapes
@@ -264,6 +264,9 @@ def analyze(model: Path, as_json: bool) -> None:
                    "`--units head` is the prune-heads pass.")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Leave groups touching a node whose name matches this glob (repeatable).")
+@click.option("--protect", multiple=True, type=click.Choice(PROTECTABLE), metavar="ROLE",
+              help="Leave every group of this role whole (repeatable): residual = channels that pass "
+                   "through a residual sum (the stream all blocks of a stage share).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
               help="Concrete input shape, e.g. input:1x3x224x224 (repeatable).")
 @click.option("--samples", type=int, default=DEFAULTS["samples"], show_default=True,
@@ -296,7 +299,7 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
              target_params: float | None, allocation: str | None, min_ratio: float, criterion: str,
              global_rank: bool,
              max_group_ratio: float, round_to: int, units: str, exclude: tuple[str, ...],
-             input_shapes: tuple[str, ...],
+             protect: tuple[str, ...], input_shapes: tuple[str, ...],
              samples: int, seed: int, report_path: Path | None, latency: bool, calib: str | None,
              compensate: bool | None, reconstruct: bool, reconstruct_mode: str | None,
              calib_batches: int | None, calib_batch_size: int,
@@ -346,7 +349,7 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
                           input_shapes=shapes, samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0,
                           progress=_step, calib=calib, compensate=compensate, calib_batches=calib_batches,
                           calib_batch_size=calib_batch_size,
-                          reconstruct=reconstruct_mode or reconstruct)
+                          reconstruct=reconstruct_mode or reconstruct, protect=protect)
     speed = result.latency
     evaluation = None
     if evaluator is not None:

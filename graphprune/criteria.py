@@ -13,7 +13,9 @@ from graphprune.errors import GraphpruneError
 
 # Activation-aware criteria read calibration statistics of the activation each consumer reads.
 ACTIVATION_CRITERIA = ("wanda-sp", "flap", "act-norm")
-CRITERIA = ("l1", "l2", "bn-scale", "random", *ACTIVATION_CRITERIA)
+# Second-order criteria read the Gram matrix of each consumer's input (obs.py).
+GRAM_CRITERIA = ("obs",)
+CRITERIA = ("l1", "l2", "bn-scale", "random", *ACTIVATION_CRITERIA, *GRAM_CRITERIA)
 
 
 def _member_norms(g: DimGraph, group: Group, use, axis: int, order: int) -> np.ndarray:
@@ -147,12 +149,22 @@ def activation_scores(g: DimGraph, group: Group, criterion: str,
 
 
 def score_group(g: DimGraph, group: Group, criterion: str, rng: np.random.Generator,
-                stats: Mapping | None = None) -> tuple[np.ndarray, str]:
+                stats: Mapping | None = None, grams: Mapping | None = None) -> tuple[np.ndarray, str]:
     """Scores (higher = more important) and the criterion actually used.
 
     ``stats``: calibration statistics keyed by (activation name, axis) (calibration.collect_stats), read
-    by the activation criteria; without them those fall back to data-free forms, recorded in the name.
+    by the activation criteria; ``grams``: Gram matrices keyed by request (calibration.collect_gram, or
+    obs.collect_obs_blocks' per-group cuts of them), read by obs. Without them those criteria fall back
+    to data-free forms, recorded in the name.
     """
+    if criterion == "obs":
+        from graphprune.obs import obs_scores  # obs builds on reconstruct, which imports this module
+
+        result = obs_scores(g, group, grams)
+        if result is None:
+            return unit_norms(g, group, 2), "l2 (obs: no consumer weights)"
+        scores, used = result
+        return scores, "obs" if used else "obs/data-free"
     if criterion in ACTIVATION_CRITERIA:
         result = activation_scores(g, group, criterion, stats)
         if result is None:

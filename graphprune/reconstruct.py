@@ -227,6 +227,12 @@ def _target(g: DimGraph, use: ParamUse, axis: int, kept: np.ndarray) -> tuple[_T
     return None, f"{node.op_type} consumer not supported"
 
 
+def weight_target(g: DimGraph, use: ParamUse, axis: int) -> _Target | None:
+    """The target of a weight use with every input position kept: its Gram request, kernel taps and
+    [features, outputs] layout, which the obs criterion reads too; None where _target declines."""
+    return _target(g, use, axis, np.arange(use.array.shape[axis]))[0]
+
+
 def _bias_ok(g: DimGraph, node: ir.Node, index: int, out: int) -> bool:
     current = node.inputs[index] if index < len(node.inputs) else None
     if current is None:

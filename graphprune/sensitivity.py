@@ -47,17 +47,18 @@ def probe_masks(g: DimGraph, group: Group, units: np.ndarray) -> dict[str, tuple
 
 
 def measure_sensitivity(model: ir.Model, g: DimGraph, groups: Sequence[Group], batches: Iterable, *,
-                        criterion: str = "l2", stats: Mapping | None = None, probe_ratio: float = 0.5,
-                        max_batches: int = 4, seed: int = 0,
+                        criterion: str = "l2", stats: Mapping | None = None, grams: Mapping | None = None,
+                        probe_ratio: float = 0.5, max_batches: int = 4, seed: int = 0,
                         progress: Callable[[int], None] | None = None) -> dict[int, float]:
     """Group root -> relative L2 change of the outputs when the group alone is probed (see module doc).
 
-    ``progress`` is called with the number of model runs done (dense runs included).
+    ``stats`` / ``grams``: calibration statistics for the criterion (criteria.score_group). ``progress`` is
+    called with the number of model runs done (dense runs included).
     """
     rng = np.random.default_rng(seed)
     probes: list[tuple[Group, np.ndarray]] = []
     for group in groups:
-        scores, _ = score_group(g, group, criterion, rng, stats)
+        scores, _ = score_group(g, group, criterion, rng, stats, grams)
         count = min(group.size - 1, max(1, round(probe_ratio * group.size)))
         probes.append((group, np.sort(np.argsort(scores, kind="stable")[:count])))
     overridden: dict[str, ir.Value] = {}

@@ -16,8 +16,9 @@ from graphprune.analysis import build_dim_graph
 from graphprune.analysis.groups import Group, find_groups
 from graphprune.calibration import collect_stats
 from graphprune.compensate import CompensationReport, compensate_bias
-from graphprune.criteria import ACTIVATION_CRITERIA, stats_requests
+from graphprune.criteria import ACTIVATION_CRITERIA, GRAM_CRITERIA, stats_requests
 from graphprune.errors import GraphpruneError
+from graphprune.obs import collect_obs_blocks
 from graphprune.plan import PlanConfig, PrunePlan, excluded, make_plan
 from graphprune.reconstruct import (
     DAMP,
@@ -39,7 +40,8 @@ class PruneChannelsConfig(PlanConfig):
 
     ``calibration``: re-iterable feed dicts (calibration.load_calibration); with it, activation
     statistics are collected for the activation criteria and for ``compensate`` (FLAP bias
-    compensation of every consumer, compensate.py). ``progress`` is called with batches done.
+    compensation of every consumer, compensate.py), and Gram matrices of the consumers' inputs for the
+    obs criterion (obs.py). ``progress`` is called with batches done.
     ``reconstruct``: least-squares reconstruction of the consumers' kept weights and biases
     (reconstruct.py; needs ``calibration``), ridge ``reconstruct_damp`` relative to the Gram diagonal,
     consumers over ``reconstruct_max_features`` input features (channels × taps) skipped. A reconstructed
@@ -74,6 +76,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         # Graph inputs/outputs (KV caches) that shrank: the caller must allocate them smaller.
         self.resized: list[dict] = []
         self.stats: dict | None = None
+        self.grams: dict | None = None  # obs: per Gram request, the per-group blocks (obs.collect_obs_blocks)
         self.compensation: CompensationReport | None = None
         self.sensitivity: dict[int, float] | None = None  # group root -> measured output change
         self.reconstruction: ReconstructionReport | None = None
@@ -86,10 +89,13 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         # A plain PlanConfig works too: no calibration, no compensation.
         calibration = getattr(config, "calibration", None)
         compensate = getattr(config, "compensate", False)
+        pruned = [gr for gr in self.groups if gr.prunable and gr.kind in config.kinds]
         if calibration is not None and (config.criterion in ACTIVATION_CRITERIA or compensate):
-            pruned = [gr for gr in self.groups if gr.prunable and gr.kind in config.kinds]
             self.stats = collect_stats(model, stats_requests(g, pruned), calibration,
                                        progress=getattr(config, "progress", None))
+        if calibration is not None and config.criterion in GRAM_CRITERIA:
+            self.grams = collect_obs_blocks(model, g, pruned, calibration,
+                                            progress=getattr(config, "progress", None))
         if getattr(config, "allocation", "uniform") == "sensitivity":
             if calibration is None:
                 raise GraphpruneError("allocation 'sensitivity' measures the output change of each group on "
@@ -97,10 +103,11 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             pruned = [gr for gr in self.groups if gr.prunable and gr.kind in config.kinds
                       and not excluded(gr, config.exclude)]
             self.sensitivity = measure_sensitivity(
-                model, g, pruned, calibration, criterion=config.criterion, stats=self.stats,
+                model, g, pruned, calibration, criterion=config.criterion, stats=self.stats, grams=self.grams,
                 probe_ratio=config.probe_ratio, max_batches=config.sensitivity_batches, seed=config.seed,
                 progress=getattr(config, "progress", None))
-        self.plan = make_plan(g, self.groups, config, stats=self.stats, sensitivity=self.sensitivity)
+        self.plan = make_plan(g, self.groups, config, stats=self.stats, sensitivity=self.sensitivity,
+                              grams=self.grams)
         self.summaries = summarise_groups(g, self.groups, self.plan)  # shares of the unpruned model
         self.resized = interface_changes(g, self.plan.removed)
         reconstructed: set = set()

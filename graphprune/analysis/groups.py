@@ -78,3 +78,22 @@ def find_groups(g: DimGraph) -> list[Group]:
     # Index spaces that no weight reads or produces (kernel taps, biases alone) are not channels.
     return [group for group in by_root.values() if group.size > 1
             and any(use.roles[axis] in ("in", "out") for use, axis in group.params)]
+
+
+PROTECTABLE = ("residual",)
+
+
+def residual_roots(g: DimGraph) -> set[int]:
+    """Roots of the dimension variables that pass through a residual sum: an Add (or Sum) of two or more
+    activations. Such a group is the stream every block of a stage reads and writes; a unit removed there
+    is missing from all of them at once, which no single consumer's compensation can repair."""
+    roots: set[int] = set()
+    for node in g.graph:
+        if node.op_type not in ("Add", "Sum") or not node.outputs or node.outputs[0] not in g.axes_of:
+            continue
+        activations = [v for v in node.inputs if v is not None and not g.is_param(v)]
+        if len(activations) < 2:
+            continue
+        for expr in g.axes_of[node.outputs[0]]:
+            roots.update(g.space.atoms(expr))
+    return roots
