@@ -170,11 +170,15 @@ class CalibrationSet:
 
 
 def _rechunk(files: Iterator[tuple[Path, Feeds]], batch_size: int) -> Iterator[Feeds]:
-    """Batches of exactly batch_size samples (the last may be smaller), across file boundaries."""
+    """Batches of exactly batch_size samples (the last may be smaller), across file boundaries. Files whose
+    samples differ in shape (text of another length) never share a batch: the one pending is cut short."""
     pending: list[Feeds] = []
     held = 0
     for _path, feeds in files:
         total = next(iter(feeds.values())).shape[0]
+        if pending and any(a.shape[1:] != pending[0][name].shape[1:] for name, a in feeds.items()):
+            yield _join(pending)
+            pending, held = [], 0
         start = 0
         while start < total:
             take = min(batch_size - held, total - start)

@@ -100,6 +100,13 @@ def test_npz_npy_folder_rechunk(tmp_path):
     assert len(list(load_calibration(tmp_path / "two.npy", ["x"], 10))) == 1
 
 
+def test_files_of_different_sample_shapes_never_share_a_batch(tmp_path):
+    np.savez(tmp_path / "a.npz", ids=np.zeros((5, 64), dtype=np.int64))
+    np.savez(tmp_path / "b.npz", ids=np.ones((6, 3), dtype=np.int64))
+    shapes = [f["ids"].shape for f in load_calibration(tmp_path, ["ids"], 4)]
+    assert shapes == [(4, 64), (1, 64), (4, 3), (2, 3)]
+
+
 def test_named_dataset_photos():
     pytest.importorskip("skimage")
     calib = list(load_calibration("photos-calib", ["input"], 16, max_batches=1))

@@ -14,10 +14,10 @@ evaluation data where the data source allows it:
 - magika: files of this machine with the evaluator's extensions that the evaluator does not use.
 - ppocr_rec: text lines rendered like the evaluator's, from different texts (ocr_texts seed 1) and
   different rendering noise (seed 2).
-- mobilenet_v2: the named set ``photos-calib`` (the even photos). The evaluator uses all 80 crops, so the
-  calibration photos are half of its evaluation set: unavoidable with one photo collection.
-- minilm: the first 128 Pang & Lee sentences of gensim's test data, padded to 64 tokens (as
-  tools/minilm_calibrated.py); the evaluation sets are word pairs and Lee documents.
+- mobilenet_v2: the named set ``photos-calib`` (the even photos); the evaluator scores the held-out odd
+  photos (``photos-eval``).
+- minilm: single words and packed sentences of gensim's Pang & Lee test data (models/minilm.py
+  write_calibration), none of them an evaluation text; the evaluation sets are word pairs and Lee documents.
 
 Usage: .venv/bin/python tools/quality_table.py [--models silero_vad,magika,...] [--targets 0.2,0.35,0.5]
        [--global] [--budget 300] [--markdown docs/quality_table.md]
@@ -45,15 +45,21 @@ from graphprune import api
 from graphprune.models import evaluators as ev
 from graphprune.models import real
 
-# (label, criterion, compensation mode) -- mode: "none" (no data), "bias" (FLAP bias compensation),
-# "reconstruct" (least-squares reconstruction of the consumers; bias compensation for the others).
+# (label, criterion, compensation mode[, protect]) -- mode: "none" (no data), "bias" (FLAP bias
+# compensation), "reconstruct" (least-squares reconstruction of the consumers, one-shot; bias compensation
+# for the others), "sequential" (reconstruction fitted on the pruned model's own activations); protect:
+# api.optimize's ``protect`` roles ("res" in the label: residual streams left whole).
 CONFIGS = [
     ("l2", "l2", "none"),
     ("wanda-sp+bias", "wanda-sp", "bias"),
     ("wanda-sp+rec", "wanda-sp", "reconstruct"),
     ("flap+bias", "flap", "bias"),
     ("flap+rec", "flap", "reconstruct"),
+    ("obs+rec", "obs", "reconstruct"),
+    ("obs+rec/res", "obs", "reconstruct", ("residual",)),
+    ("obs+seq/res", "obs", "sequential", ("residual",)),
 ]
+DEFAULT_CONFIGS = ("l2", "wanda-sp+bias", "wanda-sp+rec", "flap+bias", "flap+rec", "obs+rec")
 DEFAULT_MODELS = ("silero_vad", "magika", "ppocr_rec", "mobilenet_v2", "minilm")
 # The key of Evaluator.agree shown after the primary metric: how far the pruned model follows the dense one.
 AGREEMENT = {"silero_vad": "same_decision", "magika": "same_label", "ppocr_rec": "cer_to_dense",
@@ -141,21 +147,20 @@ def _ppocr_calibration(scratch: Path, count: int = 32) -> tuple[str, str]:
 
 
 def _mobilenet_calibration(_: Path) -> tuple[str, str]:
-    return "photos-calib", ("named set photos-calib (40 crops of the even photos); the evaluator scores all "
-                            "80 crops, so half its crops come from calibration photos (unavoidable)")
+    from graphprune.calibration import photo_rows
+    from graphprune.models.photos import VIEWS
+
+    calib, held_out = len(photo_rows("calib", len(VIEWS))), len(photo_rows("eval", len(VIEWS)))
+    return "photos-calib", (f"named set photos-calib ({calib} crops of the even photos); the evaluator scores "
+                            f"the {held_out} crops of the odd photos, none of them calibration data")
 
 
-def _minilm_calibration(scratch: Path, count: int = 128) -> tuple[str, str]:
-    import zipfile
-
+def _minilm_calibration(scratch: Path) -> tuple[str, str]:
     from graphprune.models import minilm
 
-    with zipfile.ZipFile(real.find_wheel("gensim")) as wheel:
-        text = wheel.read("gensim/test/test_data/pang_lee_polarity.cor").decode("latin-1")
-    sentences = [line.strip() for line in text.splitlines() if line.strip()][:count]
-    path = scratch / "minilm_calib.npz"
-    np.savez(path, **minilm.tokenize(sentences, pad_to=64))
-    return str(path), f"first {count} Pang & Lee sentences (gensim test data), 64 tokens; not evaluation data"
+    banned = set(ev._similarity_benchmark().texts)
+    folder, description = minilm.write_calibration(scratch / "minilm_calib", banned)
+    return str(folder), description
 
 
 def _input_names(model: Path) -> list[str]:
@@ -185,7 +190,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def measure_model(name: str, targets: list[float], allocations: list[str], budget_s: float,
-                  scratch: Path, configs: list[tuple[str, str, str]] | None = None,
+                  scratch: Path, configs: list[tuple] | None = None,
                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Dense metric, calibration description and one Row per (target, allocation, config)."""
     spec = SPECS[name]
@@ -202,7 +207,7 @@ def measure_model(name: str, targets: list[float], allocations: list[str], budge
     budget_kind = "flops"
     for target in targets:
         for allocation in allocations:
-            for label, criterion, mode in configs or CONFIGS:
+            for label, criterion, mode, *more in configs or CONFIGS:
                 row = Row(name, target, budget_kind, label, allocation)
                 result["rows"].append(row)
                 if mode != "none" and calib is None:
@@ -214,7 +219,8 @@ def measure_model(name: str, targets: list[float], allocations: list[str], budge
                 kwargs = {"criterion": criterion, "round_to": spec.round_to, "input_shapes": spec.input_shapes,
                           "check": False, "allocation": allocation, "calib": calib if mode != "none" else None,
                           "compensate": mode != "none" if calib is not None else None,
-                          "reconstruct": mode == "reconstruct"}
+                          "reconstruct": {"reconstruct": True, "sequential": "sequential"}.get(mode, False),
+                          "protect": more[0] if more else ()}
                 if spec.units is not None:
                     kwargs["units"] = spec.units
                 t0 = time.perf_counter()
@@ -319,7 +325,8 @@ def markdown(results: list[dict], command: str, wall: float) -> str:
 @click.option("--global", "global_rank", is_flag=True, help="Also rows with global allocation.")
 @click.option("--budget", type=float, default=300.0, show_default=True,
               help="Seconds per model; configurations past it are skipped.")
-@click.option("--configs", default=None, help="Comma-separated subset of " + ",".join(c[0] for c in CONFIGS))
+@click.option("--configs", default=",".join(DEFAULT_CONFIGS), show_default=True,
+              help="Comma-separated subset of " + ",".join(c[0] for c in CONFIGS))
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None)
 @click.option("--reading", type=click.Path(exists=True, path_type=Path), default=None,
               help="Markdown text appended to --markdown as the reading of the table.")
@@ -328,7 +335,7 @@ def main(models: str, targets: str, global_rank: bool, budget: float, configs: s
     start = time.perf_counter()
     values = [float(t) for t in targets.split(",") if t.strip()]
     allocations = ["uniform", "global"] if global_rank else ["uniform"]
-    chosen = [c for c in CONFIGS if configs is None or c[0] in configs.split(",")]
+    chosen = [c for c in CONFIGS if c[0] in configs.split(",")]
     results = []
     with tempfile.TemporaryDirectory(prefix="quality-table-") as scratch:
         for name in [m.strip() for m in models.split(",") if m.strip()]:
