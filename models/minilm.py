@@ -144,8 +144,13 @@ def embed(onnx_path: str | os.PathLike, texts: Sequence[str], batch_size: int = 
 
 # ---------- calibration text ----------------------------------------------------------------------------
 
-STOP_WORDS = frozenset(
-    ["the", "and", "for", "that", "with", "this", "are", "not", "from", "which", "any", "you", "your", "can", "all", "will", "has", "have", "but", "its", "was", "were", "been", "their", "they", "them", "such", "other", "than", "then", "there", "these", "those", "may", "must", "shall", "also", "into", "only", "use", "used", "using", "each", "more", "most", "some", "when", "where", "what", "who", "how", "about", "under", "without"])
+STOP_WORDS = frozenset((
+    "the", "and", "for", "that", "with", "this", "are", "not", "from", "which", "any", "you", "your",
+    "can", "all", "will", "has", "have", "but", "its", "was", "were", "been", "their", "they", "them",
+    "such", "other", "than", "then", "there", "these", "those", "may", "must", "shall", "also", "into",
+    "only", "use", "used", "using", "each", "more", "most", "some", "when", "where", "what", "who",
+    "how", "about", "under", "without",
+))
 
 
 def pang_lee_sentences() -> list[str]:

