@@ -56,6 +56,7 @@ CONFIGS = [
     ("flap+bias", "flap", "bias"),
     ("flap+rec", "flap", "reconstruct"),
     ("obs+rec", "obs", "reconstruct"),
+    ("wanda-sp+rec/res", "wanda-sp", "reconstruct", ("residual",)),
     ("obs+rec/res", "obs", "reconstruct", ("residual",)),
     ("obs+seq/res", "obs", "sequential", ("residual",)),
 ]
