@@ -2,13 +2,25 @@
 
 A calibration spec is one of:
 
-- an ``.npz`` file: one array per model input, keyed by the input's name, samples along axis 0;
-- an ``.npy`` file: the samples of a single-input model;
+- an ``.npz`` file: one array per model input, keyed by the input's name (layouts below);
+- an ``.npy`` file: the array of a single-input model;
 - a folder: every ``.npz``/``.npy`` in it, in name order, read one file at a time;
 - a named dataset of the registry (``DATASETS``), e.g. ``photos``.
 
-Batches are re-chunked to ``batch_size`` samples across file boundaries; a folder is never loaded whole
-(``.npy`` files are memory-mapped, ``.npz`` members read one by one).
+How an array is fed depends on its rank against the model input's declared rank r:
+
+- rank r (r >= 1): samples along axis 0, re-chunked to ``batch_size`` samples across file boundaries;
+- rank r + 1: a stack of whole feeds: item i is fed as it is, so its batch is whatever it holds (a recurrent
+  ``state`` [2, batch, 128] with batch on axis 1 is given as [N, 2, 1, 128]); a scalar input (r = 0) given
+  as [N] is one value per item;
+- a scalar input (r = 0) given as a scalar, or as [1]: fed unchanged with every batch (``sr`` = 16000).
+
+The other arrays of a file must hold as many samples or items along axis 0 as each other. A file with a
+stacked array is fed one item per batch (items are never concatenated: their batch axis is unknown), and
+its arrays of rank r give each item their sample i as a batch of one. Files whose samples differ in shape
+(text of another length) or in their unchanged scalars never share a batch. Where the model's rank of an
+input is unknown, its array is samples along axis 0. A folder is never loaded whole (``.npy`` files are
+memory-mapped, ``.npz`` members read one by one).
 """
 
 from __future__ import annotations
@@ -126,11 +138,11 @@ class CalibrationSet:
             return found
         return [path]
 
-    def _file_samples(self) -> Iterator[tuple[Path, Feeds]]:
+    def _file_samples(self) -> Iterator[tuple[Path, _FileFeeds]]:
         for path in self.files():
             yield path, self._read(path)
 
-    def _read(self, path: Path) -> Feeds:
+    def _read(self, path: Path) -> _FileFeeds:
         try:
             data = np.load(path, mmap_mode="r" if path.suffix == ".npy" else None, allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -148,48 +160,122 @@ class CalibrationSet:
                 raise GraphpruneError(f"--calib {path}: no array for input(s) {', '.join(missing)} (the file "
                                       f"has {have}); key the arrays by input name.")
             feeds = {name: data[name] for name in self.input_names}
-        lengths = set()
-        for name, array in feeds.items():
-            rank = (self.ranks or {}).get(name)
-            if rank is not None and array.ndim != rank:
-                raise GraphpruneError(f"--calib {path}: input '{name}' has rank {array.ndim} (shape "
-                                      f"{list(array.shape)}) but the model expects rank {rank}, samples on "
-                                      "axis 0.")
-            if array.ndim == 0:
-                raise GraphpruneError(f"--calib {path}: input '{name}' is a scalar; put samples on axis 0.")
-            lengths.add(array.shape[0])
-        if len(lengths) > 1:
-            raise GraphpruneError(f"--calib {path}: the inputs hold different sample counts "
-                                  f"{sorted(lengths)}.")
-        return feeds
+        kinds = {name: _layout(path, name, array, (self.ranks or {}).get(name)) for name, array in feeds.items()}
+        for name, kind in kinds.items():
+            if kind == FIXED and feeds[name].ndim:
+                feeds[name] = np.asarray(feeds[name]).reshape(())
+        counts = {name: array.shape[0] for name, array in feeds.items() if kinds[name] != FIXED}
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"{name} {count}" for name, count in counts.items())
+            raise GraphpruneError(f"--calib {path}: the inputs hold different sample counts along axis 0 "
+                                  f"({listed}).")
+        return _FileFeeds(feeds, kinds, next(iter(counts.values()), 1))
 
     def _cast(self, name: str, array: np.ndarray) -> np.ndarray:
         dtype = (self.dtypes or {}).get(name)
         array = np.asarray(array)
-        return np.ascontiguousarray(array if dtype is None else array.astype(dtype, copy=False))
+        # order="C", not ascontiguousarray: that one turns a scalar input's 0-d array into shape [1]
+        return np.asarray(array if dtype is None else array.astype(dtype, copy=False), order="C")
 
 
-def _rechunk(files: Iterator[tuple[Path, Feeds]], batch_size: int) -> Iterator[Feeds]:
+SAMPLES, ITEMS, FIXED = "samples", "items", "fixed"  # how a file's array is fed (module docstring)
+
+
+def _layout(path: Path, name: str, array: np.ndarray, rank: int | None) -> str:
+    """SAMPLES, ITEMS or FIXED for one array of a calibration file, from its rank against the input's."""
+    shape = list(array.shape)
+    if rank is None:
+        if array.ndim == 0:
+            raise GraphpruneError(f"--calib {path}: input '{name}' is a scalar; put samples on axis 0.")
+        return SAMPLES
+    if rank == 0:
+        if array.ndim == 0 or shape == [1]:
+            return FIXED
+        if array.ndim == 1:
+            return ITEMS
+        raise GraphpruneError(f"--calib {path}: input '{name}' has rank {array.ndim} (shape {shape}) but the "
+                              "model expects a scalar: give one value (shape [] or [1]) fed with every batch, "
+                              "or one value per sample (shape [N]).")
+    if array.ndim == rank:
+        return SAMPLES
+    if array.ndim == rank + 1:
+        return ITEMS
+    raise GraphpruneError(f"--calib {path}: input '{name}' has rank {array.ndim} (shape {shape}) but the model "
+                          f"expects rank {rank}, samples on axis 0 (or rank {rank + 1}, a stack of whole "
+                          "feeds along axis 0).")
+
+
+@dataclass
+class _FileFeeds:
+    """The arrays of one calibration file, how each is fed, and how many samples or items they hold."""
+
+    feeds: Feeds
+    kinds: dict[str, str]
+    count: int
+
+    @property
+    def stacked(self) -> bool:
+        """Fed one item per batch: some array is a stack of whole feeds, or every one is a fixed scalar."""
+        return ITEMS in self.kinds.values() or SAMPLES not in self.kinds.values()
+
+    def item(self, i: int) -> Feeds:
+        return _scalars_last({name: array if self.kinds[name] == FIXED else np.asarray(array[i])
+                              if self.kinds[name] == ITEMS else np.asarray(array[i : i + 1])
+                              for name, array in self.feeds.items()})
+
+    def fixed(self) -> Feeds:
+        return {name: array for name, array in self.feeds.items() if self.kinds[name] == FIXED}
+
+    def sliced(self, start: int, stop: int) -> Feeds:
+        return {name: np.asarray(array[start:stop]) for name, array in self.feeds.items()
+                if self.kinds[name] == SAMPLES}
+
+
+def _rechunk(files: Iterator[tuple[Path, _FileFeeds]], batch_size: int) -> Iterator[Feeds]:
     """Batches of exactly batch_size samples (the last may be smaller), across file boundaries. Files whose
-    samples differ in shape (text of another length) never share a batch: the one pending is cut short."""
+    samples differ in shape (text of another length), or whose fixed scalars differ, never share a batch: the
+    one pending is cut short. Files with stacked arrays give one batch per item."""
     pending: list[Feeds] = []
+    fixed: Feeds = {}
     held = 0
-    for _path, feeds in files:
-        total = next(iter(feeds.values())).shape[0]
-        if pending and any(a.shape[1:] != pending[0][name].shape[1:] for name, a in feeds.items()):
-            yield _join(pending)
+
+    def flush() -> Feeds:
+        return _scalars_last({**_join(pending), **fixed})
+
+    for _path, data in files:
+        if data.stacked:
+            if held:
+                yield flush()
+                pending, held = [], 0
+            for i in range(data.count):
+                yield data.item(i)
+            continue
+        shapes = {name: a.shape[1:] for name, a in data.feeds.items() if data.kinds[name] == SAMPLES}
+        if held and (any(pending[0][name].shape[1:] != shape for name, shape in shapes.items())
+                     or not _same(fixed, data.fixed())):
+            yield flush()
             pending, held = [], 0
+        fixed = data.fixed()
         start = 0
-        while start < total:
-            take = min(batch_size - held, total - start)
-            pending.append({name: np.asarray(a[start : start + take]) for name, a in feeds.items()})
+        while start < data.count:
+            take = min(batch_size - held, data.count - start)
+            pending.append(data.sliced(start, start + take))
             held += take
             start += take
             if held == batch_size:
-                yield _join(pending)
+                yield flush()
                 pending, held = [], 0
     if held:
-        yield _join(pending)
+        yield flush()
+
+
+def _scalars_last(feeds: Feeds) -> Feeds:
+    """The arrays with a leading axis first: consumers (_split) read the batch size off the first one."""
+    return dict(sorted(feeds.items(), key=lambda kv: np.ndim(kv[1]) == 0))
+
+
+def _same(a: Feeds, b: Feeds) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
 
 
 def _join(parts: list[Feeds]) -> Feeds:
@@ -446,15 +532,21 @@ def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
 
 
 def _fixed_batch(session) -> int | None:
-    sizes = {i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)}
-    return next(iter(sizes)) if len(sizes) == 1 else None
+    """The model's fixed batch size: the static leading extent shared by every input that has one, or None.
+    One symbolic leading extent means the batch is free (silero's state is [2, batch, 128]: its static 2
+    is not a batch size)."""
+    leading = [i.shape[0] for i in session.get_inputs() if i.shape]
+    sizes = set(leading)
+    return leading[0] if len(sizes) == 1 and isinstance(leading[0], int) else None
 
 
 def _split(feeds: Feeds, fixed: int | None) -> Iterator[Feeds]:
-    """Runs of the model's fixed batch size (a trailing partial run is dropped), or the batch whole."""
-    n = next(iter(feeds.values())).shape[0]
-    if fixed is None or fixed == n:
+    """Runs of the model's fixed batch size (a trailing partial run is dropped), or the batch whole (also
+    when the feeds do not share one leading extent: they are then whole feeds, not samples)."""
+    sizes = {array.shape[0] for array in feeds.values() if array.ndim}
+    if fixed is None or len(sizes) != 1 or fixed in sizes:
         yield feeds
         return
+    n = sizes.pop()
     for start in range(0, n - fixed + 1, fixed):
-        yield {name: array[start : start + fixed] for name, array in feeds.items()}
+        yield {name: array[start : start + fixed] if array.ndim else array for name, array in feeds.items()}

@@ -483,6 +483,62 @@ def _vad_agree(dense: np.ndarray, pruned: np.ndarray) -> dict[str, float]:
     return {"same_decision": float(np.mean(same)), "max_abs_prob_diff": float(np.abs(dense - pruned).max())}
 
 
+def vad_other_speech() -> Path | None:
+    """Speech on this machine that is not the evaluation audio: CPython's test clip Lib/test/audiotest.au
+    (its header names it guido.aiff: 3.5 s of a voice, 8012 Hz mu-law; the dense silero-vad calls its first
+    2.2 s speech with probability 0.94-1). None where the interpreter ships without its test package."""
+    import sysconfig
+
+    path = Path(sysconfig.get_paths()["stdlib"]) / "test" / "audiotest.au"
+    return path if path.is_file() else None
+
+
+def read_au(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """A mono Sun .au file (mu-law or 16-bit PCM) as float32 in [-1, 1] and its sample rate (no audioop:
+    Python 3.13 removed it)."""
+    raw = Path(path).read_bytes()
+    magic, offset, _size, encoding, rate, channels = np.frombuffer(raw[:24], dtype=">u4")
+    if magic != 0x2E736E64 or channels != 1 or encoding not in (1, 3):
+        raise GraphpruneError(f"{path}: expected a mono mu-law or 16-bit PCM .au file.")
+    body = raw[int(offset):]
+    if encoding == 3:
+        return np.frombuffer(body[: len(body) // 2 * 2], dtype=">i2").astype(np.float32) / 32768.0, int(rate)
+    u = ~np.frombuffer(body, dtype=np.uint8).astype(np.int32) & 0xFF  # G.711 mu-law expansion
+    magnitude = ((((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 7)) - 0x84
+    return (np.where(u & 0x80, -magnitude, magnitude) / 32768.0).astype(np.float32), int(rate)
+
+
+def resample(audio: np.ndarray, rate: int, target: int = VAD_RATE) -> np.ndarray:
+    """Band-limited resampling by zero-padding or truncating the spectrum (fine for a clip of seconds)."""
+    if rate == target:
+        return audio.astype(np.float32)
+    n = round(len(audio) * target / rate)
+    spectrum = np.fft.rfft(audio.astype(np.float64))
+    out = np.zeros(n // 2 + 1, dtype=complex)
+    keep = min(len(out), len(spectrum))
+    out[:keep] = spectrum[:keep]
+    return (np.fft.irfft(out, n) * (n / len(audio))).astype(np.float32)
+
+
+def vad_feeds(path: str | os.PathLike, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What _vad_run feeds the model at ``path`` on ``audio`` (16 kHz): the inputs [n, 576] (64 samples of
+    context, then the chunk) and the recurrent states [n, 2, 1, 128] each chunk is given, carried from the
+    previous chunk's run as the evaluator does."""
+    session = _session(os.fspath(path))
+    sr = np.array(VAD_RATE, dtype=np.int64)
+    state = np.zeros((2, 1, 128), dtype=np.float32)
+    context = np.zeros(VAD_CONTEXT, dtype=np.float32)
+    inputs, states = [], []
+    for i in range(len(audio) // VAD_CHUNK):
+        chunk = audio[i * VAD_CHUNK : (i + 1) * VAD_CHUNK].astype(np.float32)
+        x = np.concatenate([context, chunk])
+        inputs.append(x)
+        states.append(state)
+        _, state = session.run(None, {"input": x[None, :], "state": state, "sr": sr})
+        context = chunk[-VAD_CONTEXT:]
+    return np.array(inputs, dtype=np.float32), np.array(states, dtype=np.float32)
+
+
 # -------------------------------------------------------------------------------------------------- registry
 
 EVALUATORS: dict[str, Evaluator] = {

@@ -128,7 +128,7 @@ def test_named_photos_follow_the_input_layout_and_size():
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "no such file"),
     (lambda d: np.savez(d / "c.npz", y=np.zeros((2, 3))), "no array for input(s) x"),
-    (lambda d: np.savez(d / "c.npz", x=np.zeros((2, 3, 4))), "rank 3"),
+    (lambda d: np.savez(d / "c.npz", x=np.zeros((2, 3, 4, 5))), "rank 4"),
     (lambda d: np.save(d / "c.npy", np.zeros((2, 3))), "single-input"),
     (lambda d: (d / "c.npz").write_bytes(b"garbage"), "cannot be read"),
 ])
@@ -139,6 +139,121 @@ def test_bad_calibration_names_the_file(tmp_path, setup, message):
     spec = found[0] if found else tmp_path / "missing.npz"
     with pytest.raises(GraphpruneError, match="missing|c.np") as err:
         list(load_calibration(spec, names, 2, ranks={"x": 2}))
+    assert message in str(err.value)
+
+
+# ---------- inputs that are not samples on axis 0 (a recurrent state, a scalar) --------------------------
+
+
+def _recurrent(batch) -> onnx.ModelProto:
+    """Silero-VAD-shaped: x [batch, 8], state [2, batch, 4] (batch on axis 1), sr a scalar int64 ->
+    h = Relu(x W + state[0] + state[1]) * sr / 16000, out = h V [batch, 2], stateN = [h, -h]."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=(4, 2)).astype(np.float32), "v"),
+             numpy_helper.from_array(np.array([0], dtype=np.int64), "axis0"),
+             numpy_helper.from_array(np.float32(1 / 16000), "per_hz")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]),
+             helper.make_node("ReduceSum", ["state", "axis0"], ["s"], keepdims=0),
+             helper.make_node("Add", ["xw", "s"], ["pre"]),
+             helper.make_node("Relu", ["pre"], ["r"]),
+             helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["srf", "per_hz"], ["scale"]),
+             helper.make_node("Mul", ["r", "scale"], ["h"]),
+             helper.make_node("MatMul", ["h", "v"], ["out"]),
+             helper.make_node("Neg", ["h"], ["minus"]),
+             helper.make_node("Unsqueeze", ["h", "axis0"], ["h0"]),
+             helper.make_node("Unsqueeze", ["minus", "axis0"], ["h1"]),
+             helper.make_node("Concat", ["h0", "h1"], ["stateN"], axis=0)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 8]),
+              helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, batch, 4]),
+              helper.make_tensor_value_info("sr", TensorProto.INT64, [])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [batch, 2]),
+               helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, batch, 4])]
+    graph = helper.make_graph(nodes, "recurrent", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _recurrent_calib(proto, spec, batch_size=8):
+    from graphprune.calibration import model_inputs
+
+    names, ranks, dtypes = model_inputs(load(proto))
+    assert ranks == {"x": 2, "state": 3, "sr": 0}
+    return load_calibration(spec, names, batch_size, ranks=ranks, dtypes=dtypes)
+
+
+# "batch": silero-vad's case, where state's static axis 0 (2) once passed for a fixed batch size and every
+# batch-1 feed was dropped, so the statistics came back empty.
+@pytest.mark.parametrize("batch", [1, "batch"])
+@pytest.mark.parametrize("x_layout", ["samples", "stacked"])
+def test_recurrent_state_and_scalar_feed_and_collect_stats(tmp_path, batch, x_layout):
+    proto = _recurrent(batch)
+    rng = np.random.default_rng(1)
+    n = 5
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    state = rng.normal(size=(n, 2, 1, 4)).astype(np.float32)
+    # x as samples [N, 8] (model rank 2) or as a stack of whole feeds [N, 1, 8] (rank 3): the same feeds
+    np.savez(tmp_path / "vad.npz", x=x if x_layout == "samples" else x[:, None], state=state,
+             sr=np.array(16000, dtype=np.int64))
+    calib = _recurrent_calib(proto, tmp_path / "vad.npz")
+    feeds = list(calib)
+    assert len(feeds) == n  # one item per batch: a stack is never concatenated
+    for i, f in enumerate(feeds):
+        assert {k: v.shape for k, v in f.items()} == {"x": (1, 8), "state": (2, 1, 4), "sr": ()}
+        assert f["sr"].dtype == np.int64 and f["sr"] == 16000
+        np.testing.assert_array_equal(f["x"][0], x[i])
+        np.testing.assert_array_equal(f["state"], state[i])
+        out, state_n = run(proto, f)
+        assert out.shape == (1, 2) and state_n.shape == (2, 1, 4)
+    h = np.maximum(x @ numpy_helper.to_array(proto.graph.initializer[0]) + state.sum(1)[:, 0], 0)
+    stats = collect_stats(load(proto), [("h", 1), ("state", 2)], calib)
+    assert stats[("h", 1)].count == n
+    np.testing.assert_allclose(stats[("h", 1)].mean, h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats[("h", 1)].sq_norm, (h.astype(np.float64) ** 2).sum(0), rtol=1e-5)
+    assert stats[("state", 2)].count == 2 * n
+
+
+def test_scalar_input_fixed_or_one_value_per_item(tmp_path):
+    proto = _recurrent(1)
+    x, state = np.ones((3, 8), np.float32), np.zeros((3, 2, 1, 4), np.float32)
+    np.savez(tmp_path / "a.npz", x=x, state=state, sr=np.array([8000]))  # [1]: fixed, like a scalar
+    np.savez(tmp_path / "b.npz", x=x, state=state, sr=np.array([8000, 16000, 8000]))  # [N]: one per item
+    fixed = list(_recurrent_calib(proto, tmp_path / "a.npz"))
+    per_item = list(_recurrent_calib(proto, tmp_path / "b.npz"))
+    assert [f["sr"].shape for f in fixed + per_item] == [()] * 6
+    assert [int(f["sr"]) for f in fixed + per_item] == [8000] * 3 + [8000, 16000, 8000]
+    assert all(f["sr"].dtype == np.int64 for f in fixed)  # cast to the model's dtype
+
+
+def test_samples_with_a_fixed_scalar_batch_and_never_mix_scalars(tmp_path):
+    # an input of rank 1 read as samples next to a scalar fed with every batch; files with another scalar,
+    # or with a stack, never share a batch with the pending samples
+    np.savez(tmp_path / "a.npz", x=np.arange(5.0), sr=np.array(16000))
+    np.savez(tmp_path / "b.npz", x=np.arange(3.0), sr=np.array(16000))
+    np.savez(tmp_path / "c.npz", x=np.arange(2.0), sr=np.array(8000))
+    np.savez(tmp_path / "d.npz", x=np.arange(4.0).reshape(2, 2), sr=np.array(8000))
+    batches = list(load_calibration(tmp_path, ["x", "sr"], 4, ranks={"x": 1, "sr": 0}))
+    assert [(f["x"].shape, int(f["sr"])) for f in batches] == [
+        ((4,), 16000), ((4,), 16000), ((2,), 8000), ((2,), 8000), ((2,), 8000)]
+    assert [list(f) for f in batches] == [["x", "sr"]] * 5  # scalars last (_split reads axis 0 of the first)
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in batches[:2]]), np.r_[np.arange(5.0),
+                                                                                      np.arange(3.0)])
+
+
+@pytest.mark.parametrize("arrays, ranks, message", [
+    ({"x": np.zeros((3, 8)), "state": np.zeros((3, 1, 2, 1, 4)), "sr": np.array(1)},
+     {"x": 2, "state": 3, "sr": 0}, "input 'state' has rank 5 (shape [3, 1, 2, 1, 4]) but the model expects rank 3"),
+    ({"x": np.zeros((3, 8)), "state": np.zeros((3, 2, 1, 4)), "sr": np.zeros((3, 1))},
+     {"x": 2, "state": 3, "sr": 0}, "input 'sr' has rank 2 (shape [3, 1]) but the model expects a scalar"),
+    ({"x": np.zeros((3, 8)), "state": np.zeros((4, 2, 1, 4)), "sr": np.array(1)},
+     {"x": 2, "state": 3, "sr": 0}, "different sample counts along axis 0 (x 3, state 4)"),
+    ({"x": np.zeros((3, 8)), "state": np.zeros((3, 2, 1, 4)), "sr": np.array(1)},
+     None, "input 'sr' is a scalar; put samples on axis 0"),  # the model's ranks unknown
+])
+def test_arrays_that_fit_no_layout_name_the_file_and_input(tmp_path, arrays, ranks, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(GraphpruneError, match="bad.npz") as err:
+        list(load_calibration(tmp_path / "bad.npz", ["x", "state", "sr"], 2, ranks=ranks))
     assert message in str(err.value)
 
 
