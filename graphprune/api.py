@@ -225,3 +225,64 @@ def optimize(
                                    "ratio": s.ratio} for s in pruning.summaries if s.sensitivity is not None]}
     return OptimizeResult(loaded, pruning.plan, pruning.summaries, before, after, report, speed, settings,
                           pruning.resized, budget)
+
+
+@dataclass
+class RefitResult:
+    model: ir.Model
+    reconstruction: dict[str, Any]
+    before: VerifyReport | None  # the given model against the dense one
+    after: VerifyReport | None  # the refitted model against the dense one
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reconstruction": self.reconstruction,
+                "fidelity_before": self.before.to_dict() if self.before else None,
+                "fidelity_after": self.after.to_dict() if self.after else None}
+
+
+def refit(model: ModelInput, dense: ModelInput, output: str | os.PathLike | None = None, *,
+          calib: str | os.PathLike, damp: float | None = None, calib_batches: int | None = None,
+          calib_batch_size: int = 8, check: bool = True, input_shapes: dict[str, tuple[int, ...]] | None = None,
+          samples: int = 4, progress: Progress | None = None) -> RefitResult:
+    """Least-squares refit of a modified model's linear layers towards the dense model it came from.
+
+    Usable after any pass or tool that keeps node and value names (drop-layers, another pruner): every
+    ungrouped Conv, Gemm and MatMul with a constant weight whose output the dense model has under the same
+    name and width is refitted, in topological order, on ``model``'s own input against the dense output
+    (reconstruct.refit_targets, reconstruct_sequential). ``calib`` as in ``optimize``. ``check``: verify
+    both the given and the refitted model against ``dense`` (the gain shows in ``before``/``after``).
+    """
+    from graphprune.reconstruct import DAMP, reconstruct_sequential, refit_targets
+    from graphprune.rewrite import cleanup
+
+    if calib_batches is not None and calib_batches < 1:
+        raise GraphpruneError(f"--calib-batches must be 1 or more: got {calib_batches}.")
+    _check_output(model, output)
+    step = progress or (lambda _: nullcontext())
+    with step("Loading"):
+        loaded, label, original = _load(model)
+        dense_loaded, _, dense_original = _load(dense)
+    names, ranks, dtypes = model_inputs(loaded)
+    shapes = {**declared_shapes(loaded), **{k: tuple(v) for k, v in (input_shapes or {}).items()}}
+    calibration = load_calibration(calib, names, calib_batch_size, ranks=ranks, dtypes=dtypes,
+                                   max_batches=calib_batches, shapes=shapes)
+    with step("Refitting linear layers on calibration data"):
+        g = build_dim_graph(loaded)
+        report, found = refit_targets(g, dense_loaded)
+        if not found:
+            raise GraphpruneError(f"{label}: no linear layer matches the dense model by name and width; refit "
+                                  "needs a model derived from the dense one with node names kept.")
+        reconstruct_sequential(g, dense_loaded, found, report, calibration,
+                               damp=DAMP if damp is None else damp)
+        cleanup(loaded)
+    before = after = None
+    with tempfile.TemporaryDirectory(dir=Path(output).parent if output else None, prefix=".graphprune-") as staging:
+        staged = Path(staging) / (Path(output).name if output else "refit.onnx")
+        write_model(loaded, staged, None)
+        if check:
+            with step("Verifying against the dense model"):
+                before = verify(dense_original, original, overrides=input_shapes, samples=samples)
+                after = verify(dense_original, staged, overrides=input_shapes, samples=samples)
+        if output is not None:
+            publish(staged, Path(output))
+    return RefitResult(loaded, report.to_dict(), before, after)

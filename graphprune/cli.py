@@ -434,3 +434,39 @@ def _print_result(result: api.OptimizeResult, speed: dict[str, Any] | None, outp
                   f"to {change['after']}: allocate the smaller cache when calling the pruned model.")
     out.print(f"Removed {result.plan.units_removed} units from {len(pruned)} of {len(result.groups)} groups; "
               f"wrote {output}" + (f" and {report_path}." if report_path else "."))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--dense", "dense", type=click.Path(path_type=Path), required=True,
+              help="The dense model MODEL was derived from (node and value names kept).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Refitted model to write.")
+@click.option("--calib", metavar="SPEC", required=True, help="Calibration data, as for `optimize --calib`.")
+@click.option("--calib-batches", type=int, default=None, help="Use at most this many calibration batches.")
+@click.option("--calib-batch-size", type=int, default=8, show_default=True, help="Samples per calibration batch.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+              help="Concrete input shape, e.g. input:1x3x224x224 (repeatable).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+def refit(model: Path, dense: Path, output: Path, calib: str, calib_batches: int | None, calib_batch_size: int,
+          input_shapes: tuple[str, ...], report_path: Path | None) -> None:
+    """Refit MODEL's linear layers towards DENSE on calibration data (after any pass or tool)."""
+    _check_at_least("--calib-batch-size", calib_batch_size, 1)
+    _check_destination(output, "--output", model, (dense,))
+    if report_path is not None:
+        _check_destination(report_path, "--report", model, (output, dense))
+    with _step(f"Loading {model} and {dense}"):
+        check_model_file(model)
+        check_model_file(dense)
+    result = api.refit(model, dense, output, calib=calib, calib_batches=calib_batches,
+                       calib_batch_size=calib_batch_size, input_shapes=parse_shape_overrides(input_shapes) or None,
+                       progress=_step)
+    out = _stdout()
+    done = result.reconstruction
+    if result.before is not None and result.after is not None:
+        out.print(f"Fidelity to the dense model: relative L2 {result.before.worst_relative_l2:.4g} -> "
+                  f"{result.after.worst_relative_l2:.4g}, cosine {result.before.min_cosine:.4f} -> "
+                  f"{result.after.min_cosine:.4f}.")
+    out.print(f"Refitted {done['reconstructed']} linear layer(s), {len(done['skipped'])} skipped; wrote {output}"
+              + (f" and {report_path}." if report_path else "."))
+    if report_path is not None:
+        write_json_atomic(report_path, result.to_dict())

@@ -53,7 +53,7 @@ class ReconstructionReport:
     # of the reconstruction (the objective without the ridge term).
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)
     passes: int = 0  # runs over the calibration set (sequential: stages, each running both models)
-    mode: str = "one-shot"  # or "sequential"
+    mode: str = "one-shot"  # or "sequential", or "refit" (reconstruct.refit_targets)
 
     def to_dict(self) -> dict:
         sliced = [e[0] for e in self.errors.values()]
@@ -362,30 +362,81 @@ def sequential_targets(g: DimGraph, plan: PrunePlan, *, max_features: int = MAX_
     order = {node: i for i, node in enumerate(g.model.graph)}
     found = []
     for t in sorted(_targets(g, plan, max_features, report), key=lambda t: order.get(t.use.node, 0)):
-        node, use = t.use.node, t.use
-        output = node.outputs[0].name if node.outputs else ""
-        if not output:
-            report.skipped.append((node.name, "its output has no name to match in the dense model"))
+        use = t.use
+        out_axis = use.axes[0] if use.node.op_type == "Conv" else use.axes[1 - t.axis]
+        target = _sequential_target(g, t, g.space.kept_positions(out_axis, plan.removed), report)
+        if target is not None:
+            found.append(target)
+    return report, found
+
+
+def _sequential_target(g: DimGraph, t: _Target, out_kept: np.ndarray | None,
+                       report: ReconstructionReport) -> SequentialTarget | None:
+    node, use = t.use.node, t.use
+    output = node.outputs[0].name if node.outputs else ""
+    if not output:
+        report.skipped.append((node.name, "its output has no name to match in the dense model"))
+        return None
+    own, alpha = None, 1.0
+    if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = g.const(node.inputs[2])
+        if bias is None:
+            report.skipped.append((node.name, "its bias is not a constant"))
+            return None
+        own = bias.astype(np.float64)
+        if node.op_type == "Conv":
+            own = own.reshape(-1, *([1] * (len(use.array.shape) - 2)))
+    if node.op_type == "Gemm":
+        alpha = float(attr(node, "alpha", 1.0))
+        if alpha == 0.0:
+            report.skipped.append((node.name, "Gemm with alpha 0 ignores its weight"))
+            return None
+        if own is not None:
+            own = own * float(attr(node, "beta", 1.0))
+    return SequentialTarget(t, output, out_kept, own, alpha)
+
+
+def refit_targets(g: DimGraph, dense: ir.Model, *, max_features: int = MAX_FEATURES
+                  ) -> tuple[ReconstructionReport, list[SequentialTarget]]:
+    """Every linear node of ``g.model`` (ungrouped Conv, Gemm, MatMul with a constant weight) whose output
+    the dense model has under the same name with the same channel count: after any pass that keeps node
+    and value names (drop-layers, another tool's pruning), reconstruct_sequential then refits each one on
+    the modified model's own input against the dense output. Nodes whose output lost channels need the
+    kept positions, which only the pass that removed them knows (prune-channels fits those itself)."""
+    report = ReconstructionReport(mode="refit")
+    dense_channels: dict[str, int | None] = {}
+    for node in dense.graph:
+        for value in node.outputs:
+            shape = value.shape
+            axis = 1 if node.op_type == "Conv" else -1
+            known = shape is not None and len(shape) >= 2 and isinstance(shape[axis], int)
+            dense_channels[value.name] = shape[axis] if known else None  # None: checked while fitting
+    found = []
+    for node in g.model.graph:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or (node, 1) not in g.params:
             continue
-        out_axis = use.axes[0] if node.op_type == "Conv" else use.axes[1 - t.axis]
-        out_kept = g.space.kept_positions(out_axis, plan.removed)
-        own, alpha = None, 1.0
-        if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
-            bias = g.const(node.inputs[2])
-            if bias is None:
-                report.skipped.append((node.name, "its bias is not a constant"))
-                continue
-            own = bias.astype(np.float64)
-            if node.op_type == "Conv":
-                own = own.reshape(-1, *([1] * (len(use.array.shape) - 2)))
-        if node.op_type == "Gemm":
-            alpha = float(attr(node, "alpha", 1.0))
-            if alpha == 0.0:
-                report.skipped.append((node.name, "Gemm with alpha 0 ignores its weight"))
-                continue
-            if own is not None:
-                own = own * float(attr(node, "beta", 1.0))
-        found.append(SequentialTarget(t, output, out_kept, own, alpha))
+        use = g.params[(node, 1)]
+        axis = 1 if node.op_type == "Conv" or (node.op_type == "Gemm" and attr(node, "transB", 0)) else 0
+        t, why = _target(g, use, axis, np.arange(use.array.shape[axis]))
+        if t is None:
+            if why:
+                report.skipped.append((node.name, why))
+            continue
+        if t.features > max_features:
+            report.skipped.append((node.name, f"{t.features} input features exceed the limit {max_features}"))
+            continue
+        output = node.outputs[0].name
+        out = use.array.shape[0] if node.op_type == "Conv" else use.array.shape[1 - axis]
+        if output not in dense_channels:
+            report.skipped.append((node.name, "the dense model has no output of this name"))
+            continue
+        if dense_channels[output] not in (None, out):
+            why = f"its output has {out} channels, the dense model's {dense_channels[output]}"
+            report.skipped.append((node.name, why))
+            continue
+        target = _sequential_target(g, t, None, report)
+        if target is not None:
+            found.append(target)
     return report, found
 
 
