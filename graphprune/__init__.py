@@ -1,3 +1,3 @@
-from graphprune.api import analyze, optimize
+from graphprune.api import analyze, optimize, refit
 
-__all__ = ["analyze", "optimize"]
+__all__ = ["analyze", "optimize", "refit"]
