@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from oracle import load, prune
 
-from graphprune.allocation import blocks
+from graphprune.allocation import CostModel, allocate, blocks
 from graphprune.analysis import build_dim_graph
 from graphprune.analysis.groups import find_groups
 from graphprune.metrics import count_macs, count_params
@@ -178,3 +178,98 @@ def test_cli_budget_and_sensitivity_table(tmp_path):
                        (["--target-flops", "0.3", "--allocation", "sensitivity"], "--calib")):
         result = CliRunner().invoke(main, ["optimize", str(model), "-o", str(out), *bad])
         assert result.exit_code == 2 and named in result.output, result.output
+
+
+def _two_costs():
+    """Two independent hidden layers summed at the output, with units of very different cost.
+
+    A (fa -> ga): 8 units of 128 + 4 = 132 MACs, 1056 in all; B (fb -> gb): 64 units of 16 + 4 = 20 MACs,
+    1280 in all (A's units cost 6.6x B's, like heads against MLP neurons). Total 2336 MACs.
+    """
+    rng = np.random.default_rng(0)
+    weights = {"wa": rng.normal(size=(8, 128)), "va": rng.normal(size=(4, 8)),
+               "wb": rng.normal(size=(64, 16)), "vb": rng.normal(size=(4, 64))}
+    inits = [numpy_helper.from_array(w.astype(np.float32), n) for n, w in weights.items()]
+    nodes = [helper.make_node("Gemm", ["xa", "wa"], ["ha"], transB=1, name="fa"),
+             helper.make_node("Relu", ["ha"], ["ra"]),
+             helper.make_node("Gemm", ["ra", "va"], ["ya"], transB=1, name="ga"),
+             helper.make_node("Gemm", ["xb", "wb"], ["hb"], transB=1, name="fb"),
+             helper.make_node("Relu", ["hb"], ["rb"]),
+             helper.make_node("Gemm", ["rb", "vb"], ["yb"], transB=1, name="gb"),
+             helper.make_node("Add", ["ya", "yb"], ["y"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", k]) for n, k in (("xa", 128), ("xb", 16))]
+    graph = helper.make_graph(nodes, "costs", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _allocate(scores: dict, sensitivity: dict | None = None, **config):
+    """allocate() on _two_costs with the given scores per group ("fa", "fb"): counts per group, record."""
+    g = build_dim_graph(load(_two_costs()))
+    groups = [group for group in find_groups(g) if group.prunable]
+    names = [group.nodes[0].name for group in groups]
+    assert sorted(zip(names, (group.size for group in groups))) == [("fa", 8), ("fb", 64)]
+    assert list(CostModel(g, groups).unit_macs) == [{"fa": 132, "fb": 20}[n] for n in names]
+    sens = None if sensitivity is None else {group.root: sensitivity[n] for group, n in zip(groups, names)}
+    counts, record = allocate(g, groups, [np.asarray(scores[n], dtype=np.float64) for n in names],
+                              [1] * len(groups), PlanConfig(**config), sens)
+    return dict(zip(names, counts)), record
+
+
+# Same standardised score distribution in both groups, on scales 1000x apart.
+SAME = {"fa": 1000 * np.linspace(1, 2, 8), "fb": np.linspace(1, 2, 64)}
+
+
+def test_global_target_does_not_spend_the_budget_on_costly_units_first():
+    """Scores that rank A and B alike: global allocation takes the same share of both, as uniform does.
+
+    -35% of 2336 MACs is 818: A loses 3 of 8 (396 MACs), B 22 of 64 (440), 35.8% in all. Ranking on
+    standardised score / unit cost (the old key) put every A unit 6.6x ahead of B's equal: A went to
+    its cap (7 of 8, 39.6%) and B lost nothing.
+    """
+    counts, record = _allocate(SAME, target_flops=0.35, allocation="global")
+    assert counts == {"fa": 3, "fb": 22}
+    assert record.reached and 0.35 <= record.estimated_flops < 0.36
+    uniform, _ = _allocate(SAME, target_flops=0.35, allocation="uniform")
+    assert uniform == counts
+
+
+def test_global_target_follows_the_scores_within_groups():
+    """A with 4 near-dead units (0.01 of the others) loses those first, then the budget goes to B: 4 + 15."""
+    counts, record = _allocate({"fa": 1000 * np.array([0.01] * 4 + [1.0] * 4), "fb": SAME["fb"]},
+                               target_flops=0.35, allocation="global")
+    assert counts == {"fa": 4, "fb": 15} and record.reached
+
+
+def test_global_finishes_with_small_blocks_rather_than_overshoot():
+    """-5% (117 MACs): the next block in order after B's first unit is A's first (132 MACs, -6.5% in all);
+    six B units (120 MACs, -5.1%) remove less importance. The old key took one A unit (-5.7%)."""
+    counts, record = _allocate(SAME, target_flops=0.05, allocation="global")
+    assert counts == {"fa": 0, "fb": 6}
+    assert record.reached and record.estimated_flops < 0.05 + 20 / 2336
+
+
+def test_sensitivity_target_equal_sensitivities_is_global_and_shifts_with_them():
+    equal, _ = _allocate(SAME, {"fa": 0.1, "fb": 0.1}, target_flops=0.35, allocation="sensitivity")
+    assert equal == {"fa": 3, "fb": 22}  # the old key: {"fa": 7, "fb": 0}
+    a_sensitive, record = _allocate(SAME, {"fa": 1.0, "fb": 0.1}, target_flops=0.35, allocation="sensitivity")
+    b_sensitive, _ = _allocate(SAME, {"fa": 0.1, "fb": 1.0}, target_flops=0.35, allocation="sensitivity")
+    assert a_sensitive["fa"] < 3 and a_sensitive["fb"] > 22 and record.reached
+    assert b_sensitive == {"fa": 7, "fb": 0}  # A to its cap (0.9 x 8 -> 7): 39.6%, nothing of B needed
+
+
+def test_global_target_on_a_transformer_keeps_heads(tmp_path):
+    """Tiny BERT (2 layers of 4 heads x 16 dims, 128 MLP neurons, hidden 64): a head owns 4*64*16 MACs, a
+    neuron 2*64 (32x). The old key took 3 + 2 of the 8 heads and no neuron (estimate -31.2%); now neurons
+    carry the budget (1 head, 61 + 61 neurons: -30.08%)."""
+    from graphprune import api
+    from graphprune.models.transformer_zoo import export as export_transformer
+
+    bert = export_transformer("bert", "legacy", cache_dir=tmp_path)
+    result = api.optimize(bert, target_flops=0.3, allocation="global", round_to=1, check=False)
+    heads = [len(s.removed) for s in result.groups if s.kind == "head"]
+    neurons = [len(s.removed) for s in result.groups if s.kind == "channel" and s.size == 128]
+    assert len(heads) == len(neurons) == 2
+    assert max(heads) <= 1 and min(neurons) >= 32, (heads, neurons)
+    assert result.allocation["target_reached"]
+    assert 0.3 <= result.allocation["estimated_flops_reduction"] < 0.305

@@ -9,8 +9,11 @@ bias compensation and with least-squares reconstruction; uniform allocation, and
 Calibration data per model, written to .npz files (or a named set) before the runs, disjoint from the
 evaluation data where the data source allows it:
 
-- silero_vad: none possible: the model's inputs include the scalar ``sr`` and the recurrent ``state``
-  (batch on axis 1), which the calibration format (samples on axis 0 of every input) cannot feed.
+- silero_vad: the other speech of this machine, CPython's test clip Lib/test/audiotest.au (models/evaluators.py
+  vad_other_speech; 8 kHz, resampled to 16 kHz), cut and fed as the evaluator does: ``input`` [n, 576]
+  (samples), ``state`` [n, 2, 1, 128] (a stack of whole feeds, the states the dense model carries over
+  the clip), ``sr`` a scalar. Without that clip: the first 64 chunks of pyannote's sample, which the
+  evaluator also scores (it scores the whole sample), as the description then says.
 - magika: files of this machine with the evaluator's extensions that the evaluator does not use.
 - ppocr_rec: text lines rendered like the evaluator's, from different texts (ocr_texts seed 1) and
   different rendering noise (seed 2).
@@ -89,14 +92,37 @@ class Row:
     seconds: float = 0.0
     error: str | None = None
     extra: dict = field(default_factory=dict)
+    reached: bool | None = None  # the allocation's target_reached (None: no budget)
 
 
 # ---------------------------------------------------------------------------------------- calibration
 
 
-def _no_calibration(_: Path) -> tuple[None, str]:
-    return None, ("none: the inputs include the scalar 'sr' and 'state' with batch on axis 1, which the "
-                  "calibration format (samples on axis 0) cannot feed; only L2 rows")
+def _silero_calibration(scratch: Path, fallback_chunks: int = 64) -> tuple[str, str]:
+    """Chunks of speech other than the evaluation audio, each with the state the dense model carries into it.
+
+    The states come from running the dense model over the clip chunk by chunk as the evaluator does (not
+    zeros: only the first chunk of a stream sees a zero state). Every chunk of the clip is used, the
+    non-speech end included.
+    """
+    model = real.silero_vad_path()
+    other = ev.vad_other_speech()
+    if other is not None:
+        audio, rate = ev.read_au(other)
+        inputs, states = ev.vad_feeds(model, ev.resample(audio, rate))
+        note = (f"{len(inputs)} chunks ({len(inputs) * ev.VAD_CHUNK / ev.VAD_RATE:.1f} s) of CPython's test clip "
+                f"{other.name} (a voice; {rate} Hz mu-law resampled to 16 kHz, so nothing above "
+                f"{rate // 2000} kHz), none of them evaluation audio")
+    else:
+        audio, _ = ev.vad_sample()
+        inputs, states = ev.vad_feeds(model, audio[: fallback_chunks * ev.VAD_CHUNK])
+        note = (f"the first {len(inputs)} chunks ({len(inputs) * ev.VAD_CHUNK / ev.VAD_RATE:.1f} s) of pyannote's "
+                "sample: no other speech on this machine, and these chunks are evaluation audio too (the "
+                "evaluator scores the whole sample)")
+    path = scratch / "silero_calib.npz"
+    np.savez(path, input=inputs, state=states, sr=np.array(ev.VAD_RATE, dtype=np.int64))
+    return str(path), (note + "; fed as input (n, 576) samples, state (n, 2, 1, 128) stacked (the states the "
+                       "dense model carries), sr a scalar")
 
 
 def _magika_calibration(scratch: Path, count: int = 96) -> tuple[str, str]:
@@ -173,7 +199,7 @@ def _input_names(model: Path) -> list[str]:
 
 
 SPECS = {
-    "silero_vad": ModelSpec("silero_vad", _no_calibration),
+    "silero_vad": ModelSpec("silero_vad", _silero_calibration),
     "magika": ModelSpec("magika", _magika_calibration),
     "ppocr_rec": ModelSpec("ppocr_rec", _ppocr_calibration, {"x": (1, 3, 48, 320)}),
     "mobilenet_v2": ModelSpec("mobilenet_v2", _mobilenet_calibration, {"input": (1, 3, 224, 224)}),
@@ -234,6 +260,7 @@ def measure_model(name: str, targets: list[float], allocations: list[str], budge
                         out = api.optimize(dense, pruned, ratio=target, **kwargs)
                     row.macs = out.after.macs / out.before.macs - 1 if out.before.macs else None
                     row.params = out.after.params / out.before.params - 1
+                    row.reached = out.allocation["target_reached"] if out.allocation else None
                     metrics, predictions = evaluator.run(os.fspath(pruned))
                     row.value = metrics[evaluator.primary]
                     row.extra = evaluator.agree(dense_pred, predictions)
@@ -242,7 +269,10 @@ def measure_model(name: str, targets: list[float], allocations: list[str], budge
                 row.seconds = time.perf_counter() - t0
                 shown = f"{row.value:.4f}" if row.value is not None else row.error
                 macs = f"{100 * row.macs:+.1f}%" if row.macs is not None else "-"
-                log(f"{name} {target:g} {allocation} {label}: {shown} (MACs {macs}, {row.seconds:.1f} s)")
+                params = f"{100 * row.params:+.1f}%" if row.params is not None else "-"
+                missed = ", target not reached" if row.reached is False else ""
+                log(f"{name} {target:g} {allocation} {label}: {shown} (MACs {macs}, params {params}{missed}, "
+                    f"{row.seconds:.1f} s)")
     result["budget_kind"] = budget_kind
     result["seconds"] = time.perf_counter() - start_model
     return result
@@ -251,12 +281,17 @@ def measure_model(name: str, targets: list[float], allocations: list[str], budge
 # ---------------------------------------------------------------------------------------- output
 
 
+UNREACHED = "†"
+UNREACHED_NOTE = (f"{UNREACHED}: the MACs target was not reached within the per-group cap and rounding "
+                  "(allocation target_reached false); the plan removes all they allow.")
+
+
 def _cell(row: Row, agreement: str | None) -> str:
     if row.value is None:
         return "fail" if row.error and not row.error.startswith(("skipped", "no calib")) else "–"
     macs = f" ({100 * row.macs:+.0f}%)" if row.macs is not None and row.budget_kind == "flops" else ""
     agree = f" / {row.extra[agreement]:.3f}" if agreement in row.extra else ""
-    return f"{row.value:.3f}{agree}{macs}"
+    return f"{row.value:.3f}{agree}{macs}{UNREACHED if row.reached is False else ''}"
 
 
 def _grid(result: dict) -> tuple[list[str], list[tuple[str, list[str]]]]:
@@ -285,6 +320,8 @@ def print_tables(results: list[dict]) -> None:
             table.add_row(label, *cells)
         console.print(table)
         console.print(f"  calibration: {result['calib']}")
+        if any(r.reached is False for r in result["rows"]):
+            console.print(f"  {UNREACHED_NOTE}")
         for r in result["rows"]:
             if r.error and not r.error.startswith(("skipped", "no calib")):
                 console.print(f"  [red]{r.target:g} {r.allocation} {r.config}[/red]: {r.error}")
@@ -308,6 +345,8 @@ def markdown(results: list[dict], command: str, wall: float) -> str:
                  f"Calibration: {result['calib']}. ({result['seconds']:.0f} s)"), "",
                 "| budget | " + " | ".join(configs) + " |", "|---" * (len(configs) + 1) + "|"]
         out += ["| " + label + " | " + " | ".join(cells) + " |" for label, cells in lines]
+        if any(r.reached is False for r in result["rows"]):
+            out += ["", UNREACHED_NOTE]
         errors = {}
         for r in result["rows"]:
             if r.error and not r.error.startswith(("skipped", "no calib")):
