@@ -1,3 +1,3 @@
-from graphprune.api import analyze, optimize, refit
+from graphprune.api import analyze, drop_layers, optimize, refit
 
-__all__ = ["analyze", "optimize", "refit"]
+__all__ = ["analyze", "drop_layers", "optimize", "refit"]

@@ -21,6 +21,7 @@ from graphprune.errors import GraphpruneError
 from graphprune.io import load_model, prepare, publish, write_model
 from graphprune.latency import dense_vs_pruned
 from graphprune.metrics import ModelStats, file_size, model_stats
+from graphprune.passes.drop_layers import DropLayersConfig, DropLayersPass, DroppedBlock
 from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass, reconstruct_mode
 from graphprune.plan import PrunePlan
 from graphprune.report import AnalysisReport, GroupSummary, declined_nodes, summarise_groups
@@ -286,3 +287,97 @@ def refit(model: ModelInput, dense: ModelInput, output: str | os.PathLike | None
         if output is not None:
             publish(staged, Path(output))
     return RefitResult(loaded, report.to_dict(), before, after)
+
+
+@dataclass
+class DropLayersResult:
+    model: ir.Model
+    dropped: list[DroppedBlock]
+    blocks: list[dict]  # every residual block found (blocks.ResidualBlock.to_dict)
+    before: ModelStats
+    after: ModelStats
+    verification: VerifyReport | None
+    latency: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    scoring: dict[str, Any] = field(default_factory=dict)  # data, estimated MACs, target reached
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "fidelity": self.verification.to_dict() if self.verification else None,
+            "latency": self.latency,
+            "dropped": [d.to_dict() for d in self.dropped],
+            "blocks": self.blocks,
+            "scoring": self.scoring,
+        }
+
+
+def drop_layers(
+    model: ModelInput,
+    output: str | os.PathLike | None = None,
+    *,
+    drop: int | None = None,
+    target_flops: float | None = None,
+    calib: str | os.PathLike | None = None,
+    calib_batches: int | None = None,
+    calib_batch_size: int = 8,
+    check: bool = True,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    samples: int = 4,
+    seed: int = 0,
+    external_data: bool | None = None,
+    latency_rounds: int = 0,
+    progress: Progress | None = None,
+) -> DropLayersResult:
+    """Remove whole residual sub-blocks (FinerCut), verify against the original, save atomically.
+
+    ``drop``: how many blocks to remove, or ``target_flops``: the share of the dense MACs to remove
+    (0.3 = -30%); exactly one. Blocks are scored on ``calib`` (calibration.load_calibration; at most
+    ``calib_batches`` batches of ``calib_batch_size``), or without it on ``samples`` random input sets,
+    which the result's ``scoring["data"]`` says. See passes/drop_layers.py for the method.
+    """
+    if (drop is None) == (target_flops is None):
+        raise GraphpruneError("give how much to drop: --drop N (blocks) or --target-flops SHARE, one of them.")
+    if calib_batches is not None and calib_batches < 1:
+        raise GraphpruneError(f"--calib-batches must be 1 or more: got {calib_batches}.")
+    _check_output(model, output)
+    step = progress or (lambda _: nullcontext())
+    with step("Loading"):
+        loaded, label, original = _load(model)
+        before = model_stats(ir.to_proto(loaded), input_shapes)
+        before.file_bytes = (file_size(original) if isinstance(original, (str, os.PathLike))
+                             else original.ByteSize())
+    config = DropLayersConfig(drop=drop, target_flops=target_flops, max_batches=calib_batches,
+                              input_shapes=input_shapes, samples=samples, seed=seed)
+    if calib is not None:
+        names, ranks, dtypes = model_inputs(loaded)
+        shapes = {**declared_shapes(loaded), **{k: tuple(v) for k, v in (input_shapes or {}).items()}}
+        config.calibration = load_calibration(calib, names, calib_batch_size, ranks=ranks, dtypes=dtypes,
+                                              max_batches=calib_batches, shapes=shapes)
+    dropping = DropLayersPass(config)
+    with step("Scoring residual blocks and dropping"):
+        dropping(loaded)
+    speed = None
+    with tempfile.TemporaryDirectory(dir=Path(output).parent if output else None, prefix=".graphprune-") as staging:
+        staged = Path(staging) / (Path(output).name if output else "pruned.onnx")
+        with step("Writing the model"):
+            write_model(loaded, staged, external_data)
+        report = None
+        if check:
+            with step("Verifying against the original"):
+                report = verify(original, staged, overrides=input_shapes, samples=samples)
+        after = model_stats(staged, input_shapes)
+        if latency_rounds:
+            with step("Measuring latency (dense and pruned, interleaved)"):
+                speed = dense_vs_pruned(original, staged, input_shapes, seed, latency_rounds)
+        if output is not None:
+            publish(staged, Path(output))
+    settings = {"model": label, "drop": drop, "target_flops": target_flops, "seed": seed,
+                "calib": None if calib is None else os.fspath(calib), "calib_batches": calib_batches,
+                "calib_batch_size": calib_batch_size}
+    scoring = {key: value for key, value in dropping.report.to_dict().items() if key not in ("blocks", "dropped")}
+    scoring["achieved_flops_reduction"] = 1 - after.macs / before.macs if before.macs else 0.0
+    return DropLayersResult(loaded, dropping.report.dropped, dropping.report.blocks, before, after, report, speed,
+                            settings, scoring)

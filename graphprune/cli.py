@@ -470,3 +470,77 @@ def refit(model: Path, dense: Path, output: Path, calib: str, calib_batches: int
               + (f" and {report_path}." if report_path else "."))
     if report_path is not None:
         write_json_atomic(report_path, result.to_dict())
+
+
+def dropped_table(result: api.DropLayersResult) -> Table:
+    table = Table(title="Residual blocks dropped (greedy, re-scored after each removal)",
+                  caption="score: relative L2 change of the outputs vs dense with this and the blocks above gone")
+    for name, justify in (("#", "right"), ("block", "left"), ("kind", "left"), ("MACs", "right"),
+                          ("of dense", "right"), ("score", "right")):
+        # Block names are long paths: fold them rather than cut off the layer number at their end.
+        table.add_column(name, justify=justify, overflow="fold" if name == "block" else "ellipsis",
+                         no_wrap=name != "block")
+    dense = result.scoring.get("dense_macs") or 0
+    for k, block in enumerate(result.dropped, 1):
+        table.add_row(str(k), block.name, block.kind, _count(block.macs),
+                      _pct(block.macs / dense) if dense else "-", f"{block.score:.4g}")
+    return table
+
+
+@main.command("drop-layers")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Model to write.")
+@click.option("--drop", type=int, default=None, metavar="N", help="How many residual blocks to remove.")
+@click.option("--target-flops", type=float, default=None, metavar="SHARE",
+              help="Instead of --drop: the share of the dense MACs to REMOVE, in [0, 1) (0.3 = -30%); blocks "
+                   "go until it is reached.")
+@click.option("--calib", metavar="SPEC",
+              help="Calibration data to score the blocks on, as for `optimize --calib`. Without it they are "
+                   "scored on random inputs (the output says so).")
+@click.option("--calib-batches", type=int, default=None, help="Use at most this many calibration batches.")
+@click.option("--calib-batch-size", type=int, default=8, show_default=True, help="Samples per calibration batch.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+              help="Concrete input shape, e.g. input:1x3x224x224 (repeatable).")
+@click.option("--samples", type=int, default=4, show_default=True,
+              help="Random input sets for verification (and for scoring without --calib).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="Time dense vs pruned with ONNX Runtime on CPU.")
+def drop_layers(model: Path, output: Path, drop: int | None, target_flops: float | None, calib: str | None,
+                calib_batches: int | None, calib_batch_size: int, input_shapes: tuple[str, ...], samples: int,
+                report_path: Path | None, latency: bool) -> None:
+    """Remove whole residual sub-blocks of MODEL (FinerCut), verify, write OUTPUT."""
+    if (drop is None) == (target_flops is None):
+        raise GraphpruneError("give how much to drop: --drop N (blocks) or --target-flops SHARE, one of them.")
+    if drop is not None:
+        _check_at_least("--drop", drop, 0)
+    if target_flops is not None:
+        _check_range("--target-flops", target_flops, 0.0, 1.0, high_open=True)
+    _check_at_least("--samples", samples, 1)
+    _check_at_least("--calib-batch-size", calib_batch_size, 1)
+    if calib_batches is not None:
+        _check_at_least("--calib-batches", calib_batches, 1)
+    shapes = parse_shape_overrides(input_shapes) or None
+    _check_destination(output, "--output", model)
+    if report_path is not None:
+        _check_destination(report_path, "--report", model, (output,))
+    with _step(f"Loading {model}"):
+        structure = check_model_file(model)
+        resolve_shapes(structure, shapes, strict=False)
+    result = api.drop_layers(model, output, drop=drop, target_flops=target_flops, calib=calib,
+                             calib_batches=calib_batches, calib_batch_size=calib_batch_size, input_shapes=shapes,
+                             samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0, progress=_step)
+    if report_path is not None:
+        write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
+    out = _stdout()
+    out.print(dropped_table(result))
+    out.print(comparison_table(result.before, result.after, result.latency))
+    if result.verification is not None:
+        out.print(fidelity_table(result.verification))
+    scoring = result.scoring
+    if calib is None:
+        out.print(f"[yellow]note:[/] scored on {scoring['data']}.")
+    if not scoring["target_reached"]:
+        out.print("[yellow]note:[/] the budget was not reached: every block left was inside one already dropped.")
+    out.print(f"Dropped {len(result.dropped)} of {len(result.blocks)} residual blocks; wrote {output}"
+              + (f" and {report_path}." if report_path else "."))

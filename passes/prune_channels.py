@@ -19,6 +19,7 @@ from graphprune.compensate import CompensationReport, compensate_bias
 from graphprune.criteria import ACTIVATION_CRITERIA, GRAM_CRITERIA, stats_requests
 from graphprune.errors import GraphpruneError
 from graphprune.obs import collect_obs_blocks
+from graphprune.passes.drop_layers import DropLayersPass
 from graphprune.plan import PlanConfig, PrunePlan, excluded, make_plan
 from graphprune.reconstruct import (
     DAMP,
@@ -163,4 +164,4 @@ class PruneHeadsPass(PruneChannelsPass):
         super().__init__(config or PruneHeadsConfig())
 
 
-PASSES = {"prune-channels": PruneChannelsPass, "prune-heads": PruneHeadsPass}
+PASSES = {"prune-channels": PruneChannelsPass, "prune-heads": PruneHeadsPass, "drop-layers": DropLayersPass}
