@@ -65,11 +65,7 @@ class OptimizeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "settings": self.settings,
-            "before": self.before.to_dict(),
-            "after": self.after.to_dict(),
-            "fidelity": self.verification.to_dict() if self.verification else None,
-            "latency": self.latency,
+            **_outcome(self),
             "units_removed": self.plan.units_removed,
             "groups": [g.to_dict() for g in self.groups],
             "allocation": self.allocation,
@@ -88,6 +84,58 @@ def _check_output(model: ModelInput, output: str | os.PathLike | None) -> None:
         raise GraphpruneError(f"{out}: the output path equals the input; choose another file name.")
     if not out.parent.exists():
         raise GraphpruneError(f"{out}: the output folder '{out.parent}' does not exist; create it first.")
+
+
+# ---------- steps every pass's API shares ----------
+
+
+def _outcome(result: Any) -> dict[str, Any]:
+    """The report keys every pass's result has: settings, dense and pruned stats, fidelity, latency."""
+    return {"settings": result.settings, "before": result.before.to_dict(), "after": result.after.to_dict(),
+            "fidelity": result.verification.to_dict() if result.verification else None,
+            "latency": result.latency}
+
+
+def _load_counted(model: ModelInput, input_shapes: dict[str, tuple[int, ...]] | None
+                  ) -> tuple[ir.Model, str, ModelInput, ModelStats]:
+    """_load plus the dense stats, counted on the prepared model (run-time shape arithmetic is folded
+    there, so every conv's extents are known; counting the raw file can miss layers)."""
+    loaded, label, original = _load(model)
+    before = model_stats(ir.to_proto(loaded), input_shapes)
+    before.file_bytes = file_size(original) if isinstance(original, (str, os.PathLike)) else original.ByteSize()
+    return loaded, label, original, before
+
+
+def _calibration_set(loaded: ir.Model, calib: str | os.PathLike, batch_size: int, max_batches: int | None,
+                     input_shapes: dict[str, tuple[int, ...]] | None):
+    names, ranks, dtypes = model_inputs(loaded)
+    shapes = {**declared_shapes(loaded), **{k: tuple(v) for k, v in (input_shapes or {}).items()}}
+    return load_calibration(calib, names, batch_size, ranks=ranks, dtypes=dtypes, max_batches=max_batches,
+                            shapes=shapes)
+
+
+def _write_checked(loaded: ir.Model, original: ModelInput, output: str | os.PathLike | None, step, *,
+                   external_data: bool | None, check: Callable[[Path], Any] | None,
+                   input_shapes: dict[str, tuple[int, ...]] | None, seed: int, latency_rounds: int,
+                   resized: list[dict] | None = None) -> tuple[Any, ModelStats, dict[str, Any] | None]:
+    """Write to a staging folder beside ``output``, verify that very file (``check(staged)``), count its
+    stats, time it against the original if asked, then rename it into place: (verification, stats, latency)."""
+    speed = None
+    with tempfile.TemporaryDirectory(dir=Path(output).parent if output else None, prefix=".graphprune-") as staging:
+        staged = Path(staging) / (Path(output).name if output else "pruned.onnx")
+        with step("Writing the model"):
+            write_model(loaded, staged, external_data)
+        report = None
+        if check is not None:
+            with step("Verifying against the original"):
+                report = check(staged)
+        after = model_stats(staged, input_shapes)
+        if latency_rounds:
+            with step("Measuring latency (dense and pruned, interleaved)"):
+                speed = dense_vs_pruned(original, staged, input_shapes, seed, latency_rounds, resized or [])
+        if output is not None:
+            publish(staged, Path(output))
+    return report, after, speed
 
 
 def optimize(
@@ -164,22 +212,14 @@ def optimize(
     _check_output(model, output)
     step = progress or (lambda _: nullcontext())
     with step("Loading"):
-        loaded, label, original = _load(model)
-        # Counted on the prepared model: run-time shape arithmetic is folded there, so every conv's
-        # extents are known (counting the raw file can miss layers, as in the legacy ShuffleNet export).
-        before = model_stats(ir.to_proto(loaded), input_shapes)
-        before.file_bytes = (file_size(original) if isinstance(original, (str, os.PathLike))
-                             else original.ByteSize())
+        loaded, label, original, before = _load_counted(model, input_shapes)
     config = PruneChannelsConfig(ratio=ratio, criterion=criterion, global_rank=global_rank, round_to=round_to,
                                  exclude=tuple(exclude), max_group_ratio=max_group_ratio, seed=seed,
                                  kinds=tuple(units), compensate=compensate, allocation=allocation,
                                  target_flops=target_flops, target_params=target_params, min_ratio=min_ratio,
                                  reconstruct=reconstruct, protect=tuple(protect))
     if calib is not None:
-        names, ranks, dtypes = model_inputs(loaded)
-        shapes = {**declared_shapes(loaded), **{k: tuple(v) for k, v in (input_shapes or {}).items()}}
-        config.calibration = load_calibration(calib, names, calib_batch_size, ranks=ranks, dtypes=dtypes,
-                                              max_batches=calib_batches, shapes=shapes)
+        config.calibration = _calibration_set(loaded, calib, calib_batch_size, calib_batches, input_shapes)
     pruning = PruneChannelsPass(config)
     doing = (("collecting activation statistics, " if calib is not None else "")
              + ("measuring sensitivity, " if allocation == "sensitivity" else "") + "analysing and pruning")
@@ -192,23 +232,12 @@ def optimize(
             reasons.append(f"{len(pruning.declined)} node(s) declined, first {node.op_type} '{node.name}': {why}")
         raise GraphpruneError(f"{label}: nothing is prunable ({'; '.join(reasons)}); "
                               "run `graphprune analyze` to see every group and why.")
-    speed = None
-    with tempfile.TemporaryDirectory(dir=Path(output).parent if output else None, prefix=".graphprune-") as staging:
-        # Verify the very file we will publish (external data included), then rename it into place.
-        staged = Path(staging) / (Path(output).name if output else "pruned.onnx")
-        with step("Writing the pruned model"):
-            write_model(loaded, staged, external_data)
-        report = None
-        if check:
-            with step("Verifying against the original"):
-                report = verify(original, staged, overrides=input_shapes, samples=samples,
-                                resized=pruning.resized)
-        after = model_stats(staged, input_shapes)
-        if latency_rounds:
-            with step("Measuring latency (dense and pruned, interleaved)"):
-                speed = dense_vs_pruned(original, staged, input_shapes, seed, latency_rounds, pruning.resized)
-        if output is not None:
-            publish(staged, Path(output))
+    # Verify the very file we publish (external data included), then rename it into place.
+    report, after, speed = _write_checked(
+        loaded, original, output, step, external_data=external_data,
+        check=(lambda staged: verify(original, staged, overrides=input_shapes, samples=samples,
+                                     resized=pruning.resized)) if check else None,
+        input_shapes=input_shapes, seed=seed, latency_rounds=latency_rounds, resized=pruning.resized)
     settings = {"model": label, "ratio": ratio, "criterion": criterion, "global": global_rank,
                 "round_to": round_to, "exclude": list(exclude), "protect": list(protect), "units": list(units),
                 "seed": seed,
@@ -263,10 +292,7 @@ def refit(model: ModelInput, dense: ModelInput, output: str | os.PathLike | None
     with step("Loading"):
         loaded, label, original = _load(model)
         dense_loaded, _, dense_original = _load(dense)
-    names, ranks, dtypes = model_inputs(loaded)
-    shapes = {**declared_shapes(loaded), **{k: tuple(v) for k, v in (input_shapes or {}).items()}}
-    calibration = load_calibration(calib, names, calib_batch_size, ranks=ranks, dtypes=dtypes,
-                                   max_batches=calib_batches, shapes=shapes)
+    calibration = _calibration_set(loaded, calib, calib_batch_size, calib_batches, input_shapes)
     with step("Refitting linear layers on calibration data"):
         g = build_dim_graph(loaded)
         report, found = refit_targets(g, dense_loaded)
@@ -303,11 +329,7 @@ class DropLayersResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "settings": self.settings,
-            "before": self.before.to_dict(),
-            "after": self.after.to_dict(),
-            "fidelity": self.verification.to_dict() if self.verification else None,
-            "latency": self.latency,
+            **_outcome(self),
             "dropped": [d.to_dict() for d in self.dropped],
             "blocks": self.blocks,
             "scoring": self.scoring,
@@ -345,35 +367,19 @@ def drop_layers(
     _check_output(model, output)
     step = progress or (lambda _: nullcontext())
     with step("Loading"):
-        loaded, label, original = _load(model)
-        before = model_stats(ir.to_proto(loaded), input_shapes)
-        before.file_bytes = (file_size(original) if isinstance(original, (str, os.PathLike))
-                             else original.ByteSize())
+        loaded, label, original, before = _load_counted(model, input_shapes)
     config = DropLayersConfig(drop=drop, target_flops=target_flops, max_batches=calib_batches,
                               input_shapes=input_shapes, samples=samples, seed=seed)
     if calib is not None:
-        names, ranks, dtypes = model_inputs(loaded)
-        shapes = {**declared_shapes(loaded), **{k: tuple(v) for k, v in (input_shapes or {}).items()}}
-        config.calibration = load_calibration(calib, names, calib_batch_size, ranks=ranks, dtypes=dtypes,
-                                              max_batches=calib_batches, shapes=shapes)
+        config.calibration = _calibration_set(loaded, calib, calib_batch_size, calib_batches, input_shapes)
     dropping = DropLayersPass(config)
     with step("Scoring residual blocks and dropping"):
         dropping(loaded)
-    speed = None
-    with tempfile.TemporaryDirectory(dir=Path(output).parent if output else None, prefix=".graphprune-") as staging:
-        staged = Path(staging) / (Path(output).name if output else "pruned.onnx")
-        with step("Writing the model"):
-            write_model(loaded, staged, external_data)
-        report = None
-        if check:
-            with step("Verifying against the original"):
-                report = verify(original, staged, overrides=input_shapes, samples=samples)
-        after = model_stats(staged, input_shapes)
-        if latency_rounds:
-            with step("Measuring latency (dense and pruned, interleaved)"):
-                speed = dense_vs_pruned(original, staged, input_shapes, seed, latency_rounds)
-        if output is not None:
-            publish(staged, Path(output))
+    # Verify the very file we publish (external data included), then rename it into place.
+    report, after, speed = _write_checked(
+        loaded, original, output, step, external_data=external_data,
+        check=(lambda staged: verify(original, staged, overrides=input_shapes, samples=samples)) if check else None,
+        input_shapes=input_shapes, seed=seed, latency_rounds=latency_rounds)
     settings = {"model": label, "drop": drop, "target_flops": target_flops, "seed": seed,
                 "calib": None if calib is None else os.fspath(calib), "calib_batches": calib_batches,
                 "calib_batch_size": calib_batch_size}
@@ -381,3 +387,165 @@ def drop_layers(
     scoring["achieved_flops_reduction"] = 1 - after.macs / before.macs if before.macs else 0.0
     return DropLayersResult(loaded, dropping.report.dropped, dropping.report.blocks, before, after, report, speed,
                             settings, scoring)
+
+
+# ---------- prune-experts (passes/prune_experts.py) ----------
+
+
+@dataclass
+class PruneExpertsResult:
+    model: ir.Model
+    layers: list[Any]  # passes.prune_experts.ExpertChoice, one per MoE layer, in graph order
+    declined: list[dict]  # MoE nodes left as they are, with the reason
+    before: ModelStats
+    after: ModelStats
+    verification: VerifyReport | None
+    latency: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    data: str = ""  # what the experts were ranked on
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **_outcome(self),
+            "layers": [c.to_dict() for c in self.layers],
+            "declined": self.declined,
+            "data": self.data,
+        }
+
+
+def prune_experts(
+    model: ModelInput,
+    output: str | os.PathLike | None = None,
+    *,
+    experts_keep: int | None = None,
+    ratio: float | None = None,
+    calib: str | os.PathLike | None = None,
+    calib_batches: int | None = None,
+    calib_batch_size: int = 8,
+    check: bool = True,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    samples: int = 4,
+    seed: int = 0,
+    external_data: bool | None = None,
+    latency_rounds: int = 0,
+    progress: Progress | None = None,
+) -> PruneExpertsResult:
+    """Remove whole experts of every MoE layer, verify against the original, save atomically.
+
+    ``experts_keep``: experts kept per MoE layer, or ``ratio``: the share of each layer's experts removed;
+    exactly one. Experts are ranked by their summed gate weight on ``calib`` (calibration.load_calibration),
+    or without it by the norm of their weights (``data`` says which). See passes/prune_experts.py.
+    """
+    from graphprune.passes.prune_experts import PruneExpertsConfig, PruneExpertsPass
+
+    if (experts_keep is None) == (ratio is None):
+        raise GraphpruneError("give how many experts to keep: --experts-keep N or --ratio SHARE (to remove), "
+                              "one of them.")
+    if calib_batches is not None and calib_batches < 1:
+        raise GraphpruneError(f"--calib-batches must be 1 or more: got {calib_batches}.")
+    _check_output(model, output)
+    step = progress or (lambda _: nullcontext())
+    with step("Loading"):
+        loaded, label, original, before = _load_counted(model, input_shapes)
+    config = PruneExpertsConfig(experts_keep=experts_keep, ratio=ratio, max_batches=calib_batches)
+    if calib is not None:
+        config.calibration = _calibration_set(loaded, calib, calib_batch_size, calib_batches, input_shapes)
+    pruning = PruneExpertsPass(config)
+    with step("Ranking experts and removing them"):
+        pruning(loaded)
+    # Verify the very file we publish (external data included), then rename it into place.
+    report, after, speed = _write_checked(
+        loaded, original, output, step, external_data=external_data,
+        check=(lambda staged: verify(original, staged, overrides=input_shapes, samples=samples)) if check else None,
+        input_shapes=input_shapes, seed=seed, latency_rounds=latency_rounds)
+    settings = {"model": label, "experts_keep": experts_keep, "ratio": ratio, "seed": seed,
+                "calib": None if calib is None else os.fspath(calib), "calib_batches": calib_batches,
+                "calib_batch_size": calib_batch_size}
+    return PruneExpertsResult(loaded, pruning.report.layers, pruning.report.declined, before, after, report, speed,
+                              settings, pruning.report.data)
+
+
+@dataclass
+class PruneTokensResult:
+    model: ir.Model
+    stages: list[Any]  # passes.prune_tokens.StageReport, in layer order
+    layers: int  # encoder layers found
+    before: ModelStats
+    after: ModelStats
+    verification: VerifyReport | None  # comparable outputs only: see prune_tokens.compare_outputs
+    latency: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **_outcome(self),
+            "layers": self.layers,
+            "stages": [s.to_dict() for s in self.stages],
+        }
+
+
+def verify_tokens(original: ModelInput, pruned: ModelInput, *, cls: bool = True, samples: int = 4,
+                  input_shapes: dict[str, tuple[int, ...]] | None = None) -> VerifyReport:
+    """ONNX checker, then both models on the same random inputs; outputs compared where comparable
+    (passes.prune_tokens.compare_outputs: unchanged shapes in full, token-axis outputs by their CLS row)."""
+    from graphprune.inputs import make_inputs
+    from graphprune.passes.prune_tokens import compare_outputs
+    from graphprune.runtime import load_structure, make_session, run_session
+    from graphprune.verify import _aggregate, check_model, fidelity
+
+    check_model(pruned)
+    ref_session = make_session(original, label="the original model")
+    new_session = make_session(pruned, label="the pruned model")
+    structure = load_structure(original)
+    per_sample = []
+    for seed in range(max(samples, 1)):
+        feeds = make_inputs(structure, overrides=input_shapes, seed=seed)
+        ref, new = compare_outputs(run_session(ref_session, feeds, "the original model"),
+                                   run_session(new_session, feeds, "the pruned model"), cls)
+        if not ref:
+            raise GraphpruneError("no output of the pruned model is comparable with the original's.")
+        per_sample.append(fidelity(ref, new))
+    return VerifyReport(samples=len(per_sample), outputs=_aggregate(per_sample))
+
+
+def prune_tokens(
+    model: ModelInput,
+    output: str | os.PathLike | None = None,
+    *,
+    keep: list[tuple[int, float]] | list[str] | None = None,
+    cls: bool = True,
+    check: bool = True,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    samples: int = 4,
+    seed: int = 0,
+    external_data: bool | None = None,
+    latency_rounds: int = 0,
+    progress: Progress | None = None,
+) -> PruneTokensResult:
+    """Keep the top tokens by attention received after chosen encoder layers (ViT-style), verify, save.
+
+    ``keep``: stages, each ``(layer, keep_ratio)`` or ``"KEEP@LAYER"`` (``"0.7@3"``), layers counted from 0.
+    ``cls``: token 0 is a CLS token (scored by its attention row, always kept); else tokens are scored by
+    the attention all queries give them. Verification compares comparable outputs only (token-axis
+    outputs by their CLS row). See passes/prune_tokens.py for the method.
+    """
+    from graphprune.passes.prune_tokens import PruneTokensConfig, PruneTokensPass, TokenStage, parse_stage
+
+    stages = [parse_stage(s) if isinstance(s, str) else TokenStage(layer=int(s[0]), keep=float(s[1]))
+              for s in (keep or [])]
+    _check_output(model, output)
+    step = progress or (lambda _: nullcontext())
+    with step("Loading"):
+        loaded, label, original, before = _load_counted(model, input_shapes)
+    pruning = PruneTokensPass(PruneTokensConfig(stages=stages, cls=cls, input_shapes=input_shapes))
+    with step("Cutting tokens"):
+        pruning(loaded)
+    # Verify the very file we publish (external data included), then rename it into place.
+    report, after, speed = _write_checked(
+        loaded, original, output, step, external_data=external_data,
+        check=(lambda staged: verify_tokens(original, staged, cls=cls, samples=samples,
+                                            input_shapes=input_shapes)) if check else None,
+        input_shapes=input_shapes, seed=seed, latency_rounds=latency_rounds)
+    settings = {"model": label, "keep": [s.to_dict() for s in stages], "cls": cls, "seed": seed}
+    return PruneTokensResult(loaded, pruning.report.stages, pruning.report.layers, before, after, report, speed,
+                             settings)

@@ -104,6 +104,25 @@ def _check_at_least(option: str, value: int, low: int) -> None:
         raise GraphpruneError(f"{option} must be {low} or more: got {value}.")
 
 
+def _check_run_options(model: Path, output: Path, report_path: Path | None, samples: int,
+                       input_shapes: tuple[str, ...], calib_batch_size: int = 1,
+                       calib_batches: int | None = None) -> dict[str, tuple[int, ...]] | None:
+    """The checks every rewriting command makes before any work: counts, destinations, the model file
+    and its --input-shape overrides (unknown input names and wrong ranks fail here); returns the shapes."""
+    _check_at_least("--samples", samples, 1)
+    _check_at_least("--calib-batch-size", calib_batch_size, 1)
+    if calib_batches is not None:
+        _check_at_least("--calib-batches", calib_batches, 1)
+    shapes = parse_shape_overrides(input_shapes) or None
+    _check_destination(output, "--output", model)
+    if report_path is not None:
+        _check_destination(report_path, "--report", model, (output,))
+    with _step(f"Loading {model}"):
+        structure = check_model_file(model)
+        resolve_shapes(structure, shapes, strict=False)
+    return shapes
+
+
 # ---------- rendering ----------
 
 
@@ -330,17 +349,8 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
     if not 0.0 < max_group_ratio <= 1.0:
         raise GraphpruneError(f"--max-group-ratio must be in (0, 1]: got {max_group_ratio:g}.")
     _check_at_least("--round-to", round_to, 1)
-    _check_at_least("--samples", samples, 1)
-    _check_at_least("--calib-batch-size", calib_batch_size, 1)
-    if calib_batches is not None:
-        _check_at_least("--calib-batches", calib_batches, 1)
-    shapes = parse_shape_overrides(input_shapes) or None
-    _check_destination(output, "--output", model)
-    if report_path is not None:
-        _check_destination(report_path, "--report", model, (output,))
-    with _step(f"Loading {model}"):
-        structure = check_model_file(model)
-        resolve_shapes(structure, shapes, strict=False)  # unknown input names and wrong ranks fail here
+    shapes = _check_run_options(model, output, report_path, samples, input_shapes, calib_batch_size,
+                                calib_batches)
     result = api.optimize(model, output, ratio=DEFAULTS["ratio"] if ratio is None else ratio,
                           criterion=criterion, global_rank=global_rank, allocation=allocation,
                           target_flops=target_flops, target_params=target_params, min_ratio=min_ratio,
@@ -516,17 +526,8 @@ def drop_layers(model: Path, output: Path, drop: int | None, target_flops: float
         _check_at_least("--drop", drop, 0)
     if target_flops is not None:
         _check_range("--target-flops", target_flops, 0.0, 1.0, high_open=True)
-    _check_at_least("--samples", samples, 1)
-    _check_at_least("--calib-batch-size", calib_batch_size, 1)
-    if calib_batches is not None:
-        _check_at_least("--calib-batches", calib_batches, 1)
-    shapes = parse_shape_overrides(input_shapes) or None
-    _check_destination(output, "--output", model)
-    if report_path is not None:
-        _check_destination(report_path, "--report", model, (output,))
-    with _step(f"Loading {model}"):
-        structure = check_model_file(model)
-        resolve_shapes(structure, shapes, strict=False)
+    shapes = _check_run_options(model, output, report_path, samples, input_shapes, calib_batch_size,
+                                calib_batches)
     result = api.drop_layers(model, output, drop=drop, target_flops=target_flops, calib=calib,
                              calib_batches=calib_batches, calib_batch_size=calib_batch_size, input_shapes=shapes,
                              samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0, progress=_step)
@@ -544,3 +545,116 @@ def drop_layers(model: Path, output: Path, drop: int | None, target_flops: float
         out.print("[yellow]note:[/] the budget was not reached: every block left was inside one already dropped.")
     out.print(f"Dropped {len(result.dropped)} of {len(result.blocks)} residual blocks; wrote {output}"
               + (f" and {report_path}." if report_path else "."))
+
+
+def experts_table(result: api.PruneExpertsResult) -> Table:
+    table = Table(title="Experts kept per MoE layer",
+                  caption="score: summed gate weight on the calibration data, or the weights' L2 norm without it")
+    for name, justify in (("layer", "left"), ("op", "left"), ("experts", "right"), ("k", "right"),
+                          ("kept", "left"), ("removed", "left"), ("removed routes", "right"),
+                          ("removed mass (max)", "right"), ("exact on calib", "left")):
+        table.add_column(name, justify=justify, overflow="fold" if name == "layer" else "ellipsis")
+    for c in result.layers:
+        table.add_row(c.layer, c.op, f"{c.experts} → {len(c.kept)}", str(c.k), ",".join(map(str, c.kept)),
+                      ",".join(map(str, c.removed)) or "-", "-" if c.frequency is None else str(c.removed_routes),
+                      "-" if c.removed_mass_max is None else f"{c.removed_mass_max:.3g}",
+                      "-" if c.exact is None else ("yes" if c.exact else "no"))
+    return table
+
+
+@main.command("prune-experts")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Model to write.")
+@click.option("--experts-keep", type=int, default=None, metavar="N", help="Experts to keep in every MoE layer.")
+@click.option("--ratio", type=float, default=None, metavar="SHARE",
+              help="Instead of --experts-keep: the share of each MoE layer's experts to REMOVE, in [0, 1).")
+@click.option("--calib", metavar="SPEC",
+              help="Calibration data to rank experts by routing (summed gate weight), as for `optimize --calib`. "
+                   "Without it experts are ranked by the norm of their weights (the output says so).")
+@click.option("--calib-batches", type=int, default=None, help="Use at most this many calibration batches.")
+@click.option("--calib-batch-size", type=int, default=8, show_default=True, help="Samples per calibration batch.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+              help="Concrete input shape, e.g. x:128x1024 (repeatable).")
+@click.option("--samples", type=int, default=4, show_default=True, help="Random input sets for verification.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="Time dense vs pruned with ONNX Runtime on CPU.")
+def prune_experts(model: Path, output: Path, experts_keep: int | None, ratio: float | None, calib: str | None,
+                  calib_batches: int | None, calib_batch_size: int, input_shapes: tuple[str, ...], samples: int,
+                  report_path: Path | None, latency: bool) -> None:
+    """Remove whole experts of MODEL's MoE layers (com.microsoft MoE / QMoE), verify, write OUTPUT."""
+    if (experts_keep is None) == (ratio is None):
+        raise GraphpruneError("give how many experts to keep: --experts-keep N or --ratio SHARE (to remove), "
+                              "one of them.")
+    if experts_keep is not None:
+        _check_at_least("--experts-keep", experts_keep, 1)
+    if ratio is not None:
+        _check_range("--ratio", ratio, 0.0, 1.0, high_open=True)
+    shapes = _check_run_options(model, output, report_path, samples, input_shapes, calib_batch_size,
+                                calib_batches)
+    result = api.prune_experts(model, output, experts_keep=experts_keep, ratio=ratio, calib=calib,
+                               calib_batches=calib_batches, calib_batch_size=calib_batch_size, input_shapes=shapes,
+                               samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0, progress=_step)
+    if report_path is not None:
+        write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
+    out = _stdout()
+    out.print(experts_table(result))
+    out.print(comparison_table(result.before, result.after, result.latency))
+    if result.verification is not None:
+        out.print(fidelity_table(result.verification))
+    if calib is None:
+        out.print(f"[yellow]note:[/] ranked {result.data}.")
+    for declined in result.declined:
+        out.print(f"[yellow]note:[/] {declined['node']} left as it is: {declined['reason']}.")
+    before = sum(c.experts for c in result.layers)
+    after = sum(len(c.kept) for c in result.layers)
+    out.print(f"Kept {after} of {before} experts in {len(result.layers)} MoE layer(s); wrote {output}"
+              + (f" and {report_path}." if report_path else "."))
+
+
+def token_stages_table(result: api.PruneTokensResult) -> Table:
+    table = Table(title=f"Token stages ({result.layers} encoder layers found)",
+                  caption="score: attention received from CLS (summed over heads); CLS always kept")
+    for name, justify in (("after layer", "right"), ("keep", "right"), ("tokens", "right"),
+                          ("attention scored", "left"), ("Reshapes rewritten", "right")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for s in result.stages:
+        table.add_row(str(s.layer), f"{s.keep:g}", f"{s.tokens_before} → {s.tokens_after}", s.softmax,
+                      str(len(s.reshapes_rewritten)))
+    return table
+
+
+@main.command("prune-tokens")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Model to write.")
+@click.option("--keep", "keep", multiple=True, required=True, metavar="KEEP@LAYER",
+              help="A stage: keep this share of the tokens after encoder layer LAYER (from 0), e.g. 0.7@3 "
+                   "(repeatable, one per stage).")
+@click.option("--cls/--no-cls", default=True, show_default=True,
+              help="Token 0 is a CLS token: score by its attention row and always keep it. --no-cls scores "
+                   "by the attention all queries give.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+              help="Concrete input shape, e.g. pixel_values:1x3x224x224 (repeatable).")
+@click.option("--samples", type=int, default=4, show_default=True, help="Random input sets for verification.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="Time dense vs pruned with ONNX Runtime on CPU.")
+def prune_tokens(model: Path, output: Path, keep: tuple[str, ...], cls: bool, input_shapes: tuple[str, ...],
+                 samples: int, report_path: Path | None, latency: bool) -> None:
+    """Keep the top tokens by attention received after chosen encoder layers of MODEL, verify, write OUTPUT."""
+    from graphprune.passes.prune_tokens import check_stages, parse_stage
+
+    check_stages([parse_stage(k) for k in keep])
+    shapes = _check_run_options(model, output, report_path, samples, input_shapes)
+    result = api.prune_tokens(model, output, keep=list(keep), cls=cls, input_shapes=shapes, samples=samples,
+                              latency_rounds=LATENCY_ROUNDS if latency else 0, progress=_step)
+    if report_path is not None:
+        write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
+    out = _stdout()
+    out.print(token_stages_table(result))
+    out.print(comparison_table(result.before, result.after, result.latency))
+    if result.verification is not None:
+        out.print(fidelity_table(result.verification))
+        out.print("[yellow]note:[/] outputs with a token axis are compared on "
+                  + ("their CLS row (token 0)." if cls else "their mean over tokens."))
+    out.print(f"Wrote {output}" + (f" and {report_path}." if report_path else "."))

@@ -165,3 +165,11 @@ class PruneHeadsPass(PruneChannelsPass):
 
 
 PASSES = {"prune-channels": PruneChannelsPass, "prune-heads": PruneHeadsPass, "drop-layers": DropLayersPass}
+
+from graphprune.passes.prune_experts import PruneExpertsPass
+
+PASSES["prune-experts"] = PruneExpertsPass
+
+from graphprune.passes.prune_tokens import PruneTokensPass
+
+PASSES["prune-tokens"] = PruneTokensPass
