@@ -658,3 +658,69 @@ def prune_tokens(model: Path, output: Path, keep: tuple[str, ...], cls: bool, in
         out.print("[yellow]note:[/] outputs with a token axis are compared on "
                   + ("their CLS row (token 0)." if cls else "their mean over tokens."))
     out.print(f"Wrote {output}" + (f" and {report_path}." if report_path else "."))
+
+
+# ---------- recipes (recipe.py) ----------
+
+
+@main.command("run")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), required=True,
+              help="YAML recipe: the passes to run in order (see docs/recipes.md and `graphprune passes`).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Model to write (required unless --dry-run).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe (every option filled in) and exit.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+def run(model: Path, recipe_path: Path, output: Path | None, dry_run: bool, report_path: Path | None) -> None:
+    """Run the passes of a recipe on MODEL, verify the result against MODEL once, write OUTPUT."""
+    from graphprune.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(recipe_path)
+    if dry_run:
+        check_model_file(model)
+        click.echo(recipe.to_yaml(), nl=False)
+        return
+    if output is None:
+        raise GraphpruneError("give the model to write: -o OUTPUT (or --dry-run to only print the recipe).")
+    _check_destination(output, "--output", model, (recipe_path,))
+    if report_path is not None:
+        _check_destination(report_path, "--report", model, (output, recipe_path))
+    with _step(f"Loading {model}"):
+        check_model_file(model)
+    result = run_recipe(model, recipe, output, progress=_step)
+    if report_path is not None:
+        write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
+    out = _stdout()
+    table = Table(title=f"Recipe {recipe_path}")
+    for name, justify in (("#", "right"), ("step", "left"), ("MACs after", "right"), ("params after", "right")):
+        table.add_column(name, justify=justify)
+    for k, done in enumerate(result.steps, 1):
+        after = done["summary"].get("after") or {}
+        table.add_row(str(k), done["step"], _count(after["macs"]) if "macs" in after else "-",
+                      _count(after["params"]) if "params" in after else "-")
+    out.print(table)
+    out.print(comparison_table(result.before, result.after, None))
+    if result.verification is not None:
+        out.print(fidelity_table(result.verification))
+    out.print(f"Ran {len(result.steps)} step(s), verified against {model}; wrote {output}"
+              + (f" and {report_path}." if report_path else "."))
+
+
+@main.command("passes")
+def passes() -> None:
+    """List the steps a recipe can use, with their options and defaults."""
+    from graphprune.recipe import PASSES_API, RECIPE_KEYS
+
+    out = _stdout()
+    for name, spec in PASSES_API.items():
+        table = Table(title=f"{name}: {spec.summary}", title_justify="left")
+        table.add_column("option", justify="left", no_wrap=True)
+        table.add_column("default", justify="left", overflow="fold")
+        for option, default in spec.options().items():
+            shown = default if isinstance(default, str) else json.dumps(list(default) if isinstance(default, tuple)
+                                                                         else default)
+            table.add_row(option.replace("_", "-"), shown)
+        for option, value in spec.fixed.items():
+            table.add_row(option.replace("_", "-"), f"{json.dumps(list(value))} (fixed)")
+        out.print(table)
+    out.print("Recipe-level keys: " + "; ".join(f"{k.replace('_', '-')}: {v}" for k, v in RECIPE_KEYS.items()))
