@@ -230,6 +230,19 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _print_pass_result(result: Any, what: Table, output: Path, report_path: Path | None) -> Console:
+    """Write the JSON report if asked, then print what the pass did, the dense-vs-pruned table and the
+    fidelity; returns the console for the pass's own notes."""
+    if report_path is not None:
+        write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
+    out = _stdout()
+    out.print(what)
+    out.print(comparison_table(result.before, result.after, result.latency))
+    if result.verification is not None:
+        out.print(fidelity_table(result.verification))
+    return out
+
+
 # ---------- commands ----------
 
 
@@ -531,13 +544,7 @@ def drop_layers(model: Path, output: Path, drop: int | None, target_flops: float
     result = api.drop_layers(model, output, drop=drop, target_flops=target_flops, calib=calib,
                              calib_batches=calib_batches, calib_batch_size=calib_batch_size, input_shapes=shapes,
                              samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0, progress=_step)
-    if report_path is not None:
-        write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
-    out = _stdout()
-    out.print(dropped_table(result))
-    out.print(comparison_table(result.before, result.after, result.latency))
-    if result.verification is not None:
-        out.print(fidelity_table(result.verification))
+    out = _print_pass_result(result, dropped_table(result), output, report_path)
     scoring = result.scoring
     if calib is None:
         out.print(f"[yellow]note:[/] scored on {scoring['data']}.")
@@ -595,13 +602,7 @@ def prune_experts(model: Path, output: Path, experts_keep: int | None, ratio: fl
     result = api.prune_experts(model, output, experts_keep=experts_keep, ratio=ratio, calib=calib,
                                calib_batches=calib_batches, calib_batch_size=calib_batch_size, input_shapes=shapes,
                                samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0, progress=_step)
-    if report_path is not None:
-        write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
-    out = _stdout()
-    out.print(experts_table(result))
-    out.print(comparison_table(result.before, result.after, result.latency))
-    if result.verification is not None:
-        out.print(fidelity_table(result.verification))
+    out = _print_pass_result(result, experts_table(result), output, report_path)
     if calib is None:
         out.print(f"[yellow]note:[/] ranked {result.data}.")
     for declined in result.declined:
@@ -648,13 +649,8 @@ def prune_tokens(model: Path, output: Path, keep: tuple[str, ...], cls: bool, in
     shapes = _check_run_options(model, output, report_path, samples, input_shapes)
     result = api.prune_tokens(model, output, keep=list(keep), cls=cls, input_shapes=shapes, samples=samples,
                               latency_rounds=LATENCY_ROUNDS if latency else 0, progress=_step)
-    if report_path is not None:
-        write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
-    out = _stdout()
-    out.print(token_stages_table(result))
-    out.print(comparison_table(result.before, result.after, result.latency))
+    out = _print_pass_result(result, token_stages_table(result), output, report_path)
     if result.verification is not None:
-        out.print(fidelity_table(result.verification))
         out.print("[yellow]note:[/] outputs with a token axis are compared on "
                   + ("their CLS row (token 0)." if cls else "their mean over tokens."))
     out.print(f"Wrote {output}" + (f" and {report_path}." if report_path else "."))

@@ -328,11 +328,7 @@ def _rewrite_baked_lengths(graph: ir.Graph, kept: ir.Value, tokens: int, new: in
                     # A uniform table over T tokens (dynamo's all-zero attention bias [1, 1, T, T]): one
                     # value broadcast serves any token count.
                     one = np.full((1,) * array.ndim, array.flat[0], dtype=array.dtype)
-                    name = f"{prefix}_{node.name}_uniform".replace("/", "_")
-                    replacement = ir.Value(name=name, shape=ir.Shape(one.shape), type=value.type,
-                                           const_value=ir.tensor(one, name=name))
-                    graph.register_initializer(replacement)
-                    node.replace_input_with(index, replacement)
+                    _replace_constant(graph, node, index, one, f"{prefix}_{node.name}_uniform", value.type)
                     rewritten.append(node.name)
                     continue
                 raise GraphpruneError(f"node '{node.name}' ({node.op_type}) after the cut reads the constant "
@@ -345,13 +341,17 @@ def _rewrite_baked_lengths(graph: ir.Graph, kept: ir.Value, tokens: int, new: in
                                       f"the token count {tokens} ({value.name}); prune-tokens rewrites that only in "
                                       "Reshape shapes, so it declines.")
             fixed = np.where(array == tokens, new, array).astype(array.dtype)
-            name = f"{prefix}_{node.name}_shape".replace("/", "_")
-            replacement = ir.Value(name=name, shape=ir.Shape(fixed.shape), type=value.type,
-                                   const_value=ir.tensor(fixed, name=name))
-            graph.register_initializer(replacement)
-            node.replace_input_with(index, replacement)
+            _replace_constant(graph, node, index, fixed, f"{prefix}_{node.name}_shape", value.type)
             rewritten.append(node.name)
     return rewritten
+
+
+def _replace_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, name: str, type_) -> None:
+    """A fresh initializer for this reader only: the old constant is shared with the layers before the cut."""
+    name = name.replace("/", "_")
+    replacement = ir.Value(name=name, shape=ir.Shape(array.shape), type=type_, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(replacement)
+    node.replace_input_with(index, replacement)
 
 
 def _forget_shapes(graph: ir.Graph, kept: ir.Value) -> None:
