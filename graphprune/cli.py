@@ -720,3 +720,57 @@ def passes() -> None:
             table.add_row(option.replace("_", "-"), f"{json.dumps(list(value))} (fixed)")
         out.print(table)
     out.print("Recipe-level keys: " + "; ".join(f"{k.replace('_', '-')}: {v}" for k, v in RECIPE_KEYS.items()))
+
+
+@main.command("bench")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("other", type=click.Path(path_type=Path), required=False)
+@click.option("--providers", default="cpu", show_default=True, metavar="NAMES",
+              help="Comma-separated execution providers: cpu, cuda, tensorrt, openvino, qnn, directml, ...")
+@click.option("--batch", type=int, default=None, help="Batch size: fills each input's first symbolic dim.")
+@click.option("--seq", type=int, default=None, help="Sequence length: fills each input's second symbolic dim.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+              help="Concrete shape of an input, e.g. input:1x3x224x224 (wins over --batch/--seq); repeatable.")
+@click.option("--rounds", type=int, default=LATENCY_ROUNDS, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per model first.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: ONNX Runtime's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout, nothing else.")
+def bench_command(model: Path, other: Path | None, providers: str, batch: int | None, seq: int | None,
+                  input_shapes: tuple[str, ...], rounds: int, warmup: int, threads: int | None, seed: int,
+                  as_json: bool) -> None:
+    """Latency and throughput of MODEL (and OTHER, interleaved run by run) per execution provider."""
+    from graphprune.bench import bench, check_available, parse_providers
+
+    names = parse_providers(providers)
+    check_available(names)
+    _check_at_least("--rounds", rounds, 1)
+    _check_at_least("--warmup", warmup, 0)
+    for option, value in (("--batch", batch), ("--seq", seq), ("--threads", threads)):
+        if value is not None:
+            _check_at_least(option, value, 1)
+    overrides = parse_shape_overrides(input_shapes) if input_shapes else None
+    paths = [model] + ([other] if other is not None else [])
+    for path in paths:
+        check_model_file(path)
+    if as_json:
+        result = bench(paths, names, batch, seq, overrides, rounds, warmup, threads, seed)
+        click.echo(json.dumps(result, indent=2))
+        return
+    with _step(f"Timing {len(paths)} model(s) on {', '.join(names)}"):
+        result = bench(paths, names, batch, seq, overrides, rounds, warmup, threads, seed)
+    out = _stdout()
+    for entry in result["providers"]:
+        table = Table(title=f"{entry['provider']} ({entry['execution_provider']}), batch {result['batch']}, "
+                            f"{result['rounds']} rounds")
+        for column in ("model", "median ms", "p10", "p90", "min", "items/s", "speedup"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        speedups = [None, *entry["speedup"]]
+        for row, speedup in zip(entry["models"], speedups, strict=True):
+            table.add_row(row["model"], f"{row['median_ms']:.3f}", f"{row['p10_ms']:.3f}", f"{row['p90_ms']:.3f}",
+                          f"{row['min_ms']:.3f}", f"{row['throughput']:.1f}",
+                          "1.00x" if speedup is None and other is not None else
+                          (f"{speedup:.2f}x" if speedup is not None else "-"))
+        out.print(table)
+    shapes = "; ".join(f"{k}={'x'.join(map(str, v))}" for k, v in next(iter(result["inputs"].values())).items())
+    out.print(f"Inputs: {shapes}" + (". Speedup = MODEL median / OTHER median, same run." if other else "."))
