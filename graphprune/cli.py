@@ -75,10 +75,33 @@ def check_model_file(path: Path) -> onnx.ModelProto:
         raise GraphpruneError(f"{path}: is not a file; give the path of an .onnx model.")
     structure = load_structure(path)
     # Protobuf parses an empty file as an empty message; every real model declares its IR version.
-    if structure.ir_version == 0 or not structure.graph.node:
-        raise GraphpruneError(f"{path}: is not an ONNX model (no IR version or no graph nodes).")
+    if structure.ir_version == 0 or not structure.graph.ListFields():
+        raise GraphpruneError(f"{path}: is not an ONNX model (no IR version or no graph).")
+    if not structure.graph.node:
+        raise GraphpruneError(f"{path}: the model's graph has no nodes; there is nothing to analyze or prune.")
     file_size(path)  # raises if a referenced external data file is missing
     return structure
+
+
+def _note_unmatched_excludes(model: Path, patterns: tuple[str, ...]) -> None:
+    """A note on stderr for each --exclude pattern that names no node (a typo excludes nothing)."""
+    if not patterns:
+        return
+    from fnmatch import fnmatchcase
+
+    names = [n.name for n in _all_nodes(load_structure(model).graph)]
+    for pattern in patterns:
+        if not any(fnmatchcase(name, pattern) for name in names):
+            click.echo(f"note: --exclude '{pattern}' matches no node name in {model}; it excludes nothing.",
+                       err=True)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _all_nodes(sub)
 
 
 def _check_destination(path: Path, option: str, model: Path, others: tuple[Path, ...] = ()) -> None:
@@ -364,6 +387,7 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
     _check_at_least("--round-to", round_to, 1)
     shapes = _check_run_options(model, output, report_path, samples, input_shapes, calib_batch_size,
                                 calib_batches)
+    _note_unmatched_excludes(model, exclude)
     result = api.optimize(model, output, ratio=DEFAULTS["ratio"] if ratio is None else ratio,
                           criterion=criterion, global_rank=global_rank, allocation=allocation,
                           target_flops=target_flops, target_params=target_params, min_ratio=min_ratio,

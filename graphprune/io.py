@@ -351,10 +351,16 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
         publish(staged, path)
 
 
+FIRST_IR_WITHOUT_INITIALIZER_INPUTS = 4
+
+
 def write_model(model: ir.Model, path: Path, external_data: bool | None = None) -> None:
     """Save; weights go to ``<name>.data`` beside the model when asked or when the model is large."""
     if external_data is None:
         external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    # prepare() takes weights out of the graph inputs, which IR 3 requires them to be: IR 4 reads the
+    # same opsets and allows it (otherwise an opset-7 export fails the checker once pruned).
+    model.ir_version = max(model.ir_version, FIRST_IR_WITHOUT_INITIALIZER_INPUTS)
     with _without_intermediate_shapes(model):
         if external_data:
             ir.save(model, path, external_data=f"{path.name}.data")
