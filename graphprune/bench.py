@@ -7,15 +7,15 @@ model of each round rotates), so machine drift and noise hit both models alike.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from graphprune.errors import GraphpruneError, VerificationError
+from graphprune.errors import GraphpruneError
 from graphprune.inputs import InputSpec, _looks_like_image, input_specs, make_inputs, resolve_shape
-from graphprune.runtime import ModelLike, first_line, import_onnxruntime, make_session, model_label
+from graphprune.latency import _feeds_for, _timed_run
+from graphprune.runtime import ModelLike, import_onnxruntime, make_session, model_label
 
 # Short name -> (execution provider, what to install to get it).
 PROVIDERS: dict[str, tuple[str, str]] = {
@@ -186,16 +186,16 @@ def _bench_provider(name: str, models: Sequence[ModelLike], labels: list[str], f
     chain = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
     sessions = [make_session(m, providers=chain, threads=threads, optimization=optimization, label=label)
                 for m, label in zip(models, labels, strict=True)]
-    runs = [_feed(s, f, label) for s, f, label in zip(sessions, feeds, labels, strict=True)]
+    runs = [_feeds_for(s, f, label) for s, f, label in zip(sessions, feeds, labels, strict=True)]
     for _ in range(warmup):
         for session, feed, label in zip(sessions, runs, labels, strict=True):
-            _timed(session, feed, label)
+            _timed_run(session, feed, label)
     times: list[list[float]] = [[] for _ in sessions]
     order: list[int] = []
     for r in range(rounds):
         for offset in range(len(sessions)):
             i = (r + offset) % len(sessions)
-            times[i].append(_timed(sessions[i], runs[i], labels[i]))
+            times[i].append(_timed_run(sessions[i], runs[i], labels[i]))
             order.append(i)
     entries = []
     for label, session, t, n in zip(labels, sessions, times, items, strict=True):
@@ -213,18 +213,3 @@ def _bench_provider(name: str, models: Sequence[ModelLike], labels: list[str], f
     }
 
 
-def _feed(session: Any, inputs: Mapping[str, np.ndarray], label: str) -> dict[str, np.ndarray]:
-    wanted = [i.name for i in session.get_inputs()]
-    missing = [n for n in wanted if n not in inputs]
-    if missing:
-        raise GraphpruneError(f"no input data for {label}'s input(s) {', '.join(missing)}.")
-    return {n: inputs[n] for n in wanted}
-
-
-def _timed(session: Any, feeds: dict[str, np.ndarray], label: str) -> float:
-    start = time.perf_counter()
-    try:
-        session.run(None, feeds)
-    except Exception as exc:
-        raise VerificationError(f"ONNX Runtime failed to run {label}: {first_line(exc)}") from exc
-    return (time.perf_counter() - start) * 1000.0
