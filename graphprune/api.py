@@ -302,16 +302,15 @@ def refit(model: ModelInput, dense: ModelInput, output: str | os.PathLike | None
         reconstruct_sequential(g, dense_loaded, found, report, calibration,
                                damp=DAMP if damp is None else damp)
         cleanup(loaded)
-    before = after = None
-    with tempfile.TemporaryDirectory(dir=Path(output).parent if output else None, prefix=".graphprune-") as staging:
-        staged = Path(staging) / (Path(output).name if output else "refit.onnx")
-        write_model(loaded, staged, None)
-        if check:
-            with step("Verifying against the dense model"):
-                before = verify(dense_original, original, overrides=input_shapes, samples=samples)
-                after = verify(dense_original, staged, overrides=input_shapes, samples=samples)
-        if output is not None:
-            publish(staged, Path(output))
+    before = None
+    if check:
+        with step("Verifying the given model against the dense model"):
+            before = verify(dense_original, original, overrides=input_shapes, samples=samples)
+    after, _, _ = _write_checked(
+        loaded, original, output, step, external_data=None,
+        check=(lambda staged: verify(dense_original, staged, overrides=input_shapes, samples=samples))
+        if check else None,
+        input_shapes=input_shapes, seed=0, latency_rounds=0)
     return RefitResult(loaded, report.to_dict(), before, after)
 
 

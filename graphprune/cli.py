@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import json
 import os
@@ -21,7 +22,7 @@ from graphprune.analysis.groups import DEFAULT_KINDS, PROTECTABLE
 from graphprune.criteria import CRITERIA
 from graphprune.errors import GraphpruneError
 from graphprune.inputs import parse_shape_overrides, resolve_shapes
-from graphprune.metrics import ModelStats, file_size
+from graphprune.metrics import ModelStats, all_graphs, file_size
 from graphprune.report import AnalysisReport
 from graphprune.runtime import load_structure
 from graphprune.verify import VerifyReport
@@ -83,25 +84,13 @@ def check_model_file(path: Path) -> onnx.ModelProto:
     return structure
 
 
-def _note_unmatched_excludes(model: Path, patterns: tuple[str, ...]) -> None:
+def _note_unmatched_excludes(model: Path, structure: onnx.ModelProto, patterns: tuple[str, ...]) -> None:
     """A note on stderr for each --exclude pattern that names no node (a typo excludes nothing)."""
-    if not patterns:
-        return
-    from fnmatch import fnmatchcase
-
-    names = [n.name for n in _all_nodes(load_structure(model).graph)]
+    names = [node.name for graph in all_graphs(structure.graph) for node in graph.node]
     for pattern in patterns:
-        if not any(fnmatchcase(name, pattern) for name in names):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             click.echo(f"note: --exclude '{pattern}' matches no node name in {model}; it excludes nothing.",
                        err=True)
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from _all_nodes(sub)
 
 
 def _check_destination(path: Path, option: str, model: Path, others: tuple[Path, ...] = ()) -> None:
@@ -129,7 +118,8 @@ def _check_at_least(option: str, value: int, low: int) -> None:
 
 def _check_run_options(model: Path, output: Path, report_path: Path | None, samples: int,
                        input_shapes: tuple[str, ...], calib_batch_size: int = 1,
-                       calib_batches: int | None = None) -> dict[str, tuple[int, ...]] | None:
+                       calib_batches: int | None = None, exclude: tuple[str, ...] = ()
+                       ) -> dict[str, tuple[int, ...]] | None:
     """The checks every rewriting command makes before any work: counts, destinations, the model file
     and its --input-shape overrides (unknown input names and wrong ranks fail here); returns the shapes."""
     _check_at_least("--samples", samples, 1)
@@ -143,6 +133,7 @@ def _check_run_options(model: Path, output: Path, report_path: Path | None, samp
     with _step(f"Loading {model}"):
         structure = check_model_file(model)
         resolve_shapes(structure, shapes, strict=False)
+    _note_unmatched_excludes(model, structure, exclude)
     return shapes
 
 
@@ -386,8 +377,7 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
         raise GraphpruneError(f"--max-group-ratio must be in (0, 1]: got {max_group_ratio:g}.")
     _check_at_least("--round-to", round_to, 1)
     shapes = _check_run_options(model, output, report_path, samples, input_shapes, calib_batch_size,
-                                calib_batches)
-    _note_unmatched_excludes(model, exclude)
+                                calib_batches, exclude)
     result = api.optimize(model, output, ratio=DEFAULTS["ratio"] if ratio is None else ratio,
                           criterion=criterion, global_rank=global_rank, allocation=allocation,
                           target_flops=target_flops, target_params=target_params, min_ratio=min_ratio,

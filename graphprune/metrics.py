@@ -50,7 +50,7 @@ def count_params(model: ModelLike) -> int:
 
 def _weight_tensors(graph: onnx.GraphProto) -> Iterator[tuple[int, int]]:
     """(element type, element count) of every initializer and Constant value."""
-    for g in _all_graphs(graph):
+    for g in all_graphs(graph):
         for tensor in g.initializer:
             yield tensor.data_type, math.prod(tensor.dims)
         for sparse in g.sparse_initializer:
@@ -72,15 +72,16 @@ def _constant_tensors(node: onnx.NodeProto) -> Iterator[tuple[int, int]]:
             yield TensorProto.FLOAT, len(attr.floats)
 
 
-def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph inside it (If branches, Loop and Scan bodies), depth first."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(attr.g)
+                yield from all_graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    yield from _all_graphs(sub)
+                    yield from all_graphs(sub)
 
 
 # ---------- multiply-accumulates ----------
@@ -306,7 +307,7 @@ def _external_locations(proto: onnx.ModelProto) -> set[str]:
 
 
 def _all_tensors(proto: onnx.ModelProto) -> Iterator[TensorProto]:
-    graphs = list(_all_graphs(proto.graph))
+    graphs = list(all_graphs(proto.graph))
     nodes = [node for g in graphs for node in g.node]
     nodes += [node for f in proto.functions for node in f.node]
     for g in graphs:

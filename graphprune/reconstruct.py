@@ -80,10 +80,12 @@ class _Target:
 
     @property
     def axis(self) -> int:
-        node = self.use.node
-        if node.op_type == "Conv" or (node.op_type == "Gemm" and attr(node, "transB", 0)):
-            return 1
-        return 0
+        return _input_axis(self.use.node)
+
+    @property
+    def outputs(self) -> int:
+        """Output channels the weight produces."""
+        return int(self.use.array.shape[0 if self.use.node.op_type == "Conv" else 1 - self.axis])
 
     def columns(self) -> np.ndarray:
         """The weight as [input features, outputs] in float64."""
@@ -105,6 +107,11 @@ class _Target:
         else:
             array = columns
         return np.ascontiguousarray(array.astype(w.dtype))
+
+
+def _input_axis(node: ir.Node) -> int:
+    """The weight axis a Conv, Gemm or MatMul reads its input features along."""
+    return 1 if node.op_type == "Conv" or (node.op_type == "Gemm" and attr(node, "transB", 0)) else 0
 
 
 def reconstruct_consumers(g: DimGraph, plan: PrunePlan, calibration: Iterable, *, damp: float = DAMP,
@@ -416,7 +423,7 @@ def refit_targets(g: DimGraph, dense: ir.Model, *, max_features: int = MAX_FEATU
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or (node, 1) not in g.params:
             continue
         use = g.params[(node, 1)]
-        axis = 1 if node.op_type == "Conv" or (node.op_type == "Gemm" and attr(node, "transB", 0)) else 0
+        axis = _input_axis(node)
         t, why = _target(g, use, axis, np.arange(use.array.shape[axis]))
         if t is None:
             if why:
@@ -426,12 +433,11 @@ def refit_targets(g: DimGraph, dense: ir.Model, *, max_features: int = MAX_FEATU
             report.skipped.append((node.name, f"{t.features} input features exceed the limit {max_features}"))
             continue
         output = node.outputs[0].name
-        out = use.array.shape[0] if node.op_type == "Conv" else use.array.shape[1 - axis]
         if output not in dense_channels:
             report.skipped.append((node.name, "the dense model has no output of this name"))
             continue
-        if dense_channels[output] not in (None, out):
-            why = f"its output has {out} channels, the dense model's {dense_channels[output]}"
+        if dense_channels[output] not in (None, t.outputs):
+            why = f"its output has {t.outputs} channels, the dense model's {dense_channels[output]}"
             report.skipped.append((node.name, why))
             continue
         target = _sequential_target(g, t, None, report)
