@@ -57,3 +57,14 @@ def test_protect_residual_leaves_the_stream_whole(tmp_path):
 def test_protect_unknown_role_is_a_clear_error(tmp_path):
     with pytest.raises(GraphpruneError, match="--protect: unknown role 'bottleneck'"):
         api.optimize(_residual_block(tmp_path), ratio=0.5, protect=("bottleneck",))
+
+
+def test_protect_residual_keeps_attention_heads_prunable(tmp_path):
+    """The mask added to the attention scores is broadcast over the heads: not a residual stream."""
+    pytest.importorskip("torch")
+    from graphprune.models.transformer_zoo import export
+
+    bert = export("bert", "legacy", cache_dir=tmp_path)
+    result = api.optimize(str(bert), ratio=0.5, protect=("residual",), check=False)
+    heads = [d for d in result.plan.decisions if d.group.prunable and d.group.kind == "head"]
+    assert heads and all(not d.skipped and len(d.removed) for d in heads)

@@ -94,6 +94,9 @@ def residual_roots(g: DimGraph) -> set[int]:
         activations = [v for v in node.inputs if v is not None and not g.is_param(v)]
         if len(activations) < 2:
             continue
+        # Only what two operands both carry is a stream: an attention mask added to the scores is
+        # broadcast over the heads, which therefore stay prunable.
+        carried = [{a for expr in g.axes_of.get(v, []) for a in g.space.atoms(expr)} for v in activations]
         for expr in g.axes_of[node.outputs[0]]:
-            roots.update(g.space.atoms(expr))
+            roots.update(a for a in g.space.atoms(expr) if sum(a in seen for seen in carried) >= 2)
     return roots
