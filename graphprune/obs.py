@@ -60,17 +60,85 @@ class UnitBlocks:
         return total
 
 
+@dataclass
+class GroupInverse:
+    """(H_λ⁻¹) restricted to all columns of one group's units in one consumer input, for greedy removal.
+
+    Scoring every unit once against the full model (UnitBlocks) misjudges correlated units: each looks
+    cheap because the others can stand in for it, and removing them together is not. Greedy elimination
+    (as ZipLM/OBC do) removes the cheapest unit, refits the weights and downdates the inverse, and scores
+    the next ones against what is left; a unit's score is the cost at its turn, made non-decreasing so
+    that the k lowest scores are the first k units removed.
+    """
+
+    units: np.ndarray
+    taps: int
+    features: int
+    unit_ids: np.ndarray  # [U]
+    columns: np.ndarray  # [U, k]
+    inverse: np.ndarray  # [U·k, U·k], rows and columns in the order of columns.reshape(-1)
+
+    def scores(self, weights: np.ndarray, size: int) -> np.ndarray:
+        count, width = self.columns.shape
+        inverse = self.inverse.copy()  # [U·k, U·k]; rows of removed units go stale and are never read
+        w = np.asarray(weights, dtype=np.float64)[self.columns.reshape(-1)]  # [U·k, outputs]
+        alive = np.ones(count, dtype=bool)
+        costs = np.zeros(count)
+        last = 0.0
+        for _ in range(count - 1):
+            live = np.flatnonzero(alive)
+            cols = live[:, None] * width + np.arange(width)  # [L, k]
+            diagonal = inverse[cols[:, :, None], cols[:, None, :]]
+            blocks = np.linalg.inv((diagonal + diagonal.transpose(0, 2, 1)) / 2)
+            own = w[cols]  # [L, k, outputs]
+            cost = np.einsum("uko,ukl,ulo->u", own, blocks, own)
+            pick = int(np.argmin(cost))
+            unit, block = live[pick], blocks[pick]
+            last = max(last, float(cost[pick]))
+            costs[unit] = last
+            alive[unit] = False
+            # OBS update of the other weights and Schur downdate of the inverse: one rank-k step each.
+            cross = inverse[:, unit * width : (unit + 1) * width] @ block  # [U·k, k]
+            w -= cross @ w[unit * width : (unit + 1) * width]
+            inverse -= cross @ inverse[unit * width : (unit + 1) * width]
+        costs[alive] = 2 * last if last > 0 else 1.0  # the survivor goes last
+        total = np.zeros(size)
+        total[self.unit_ids] = costs
+        return total
+
+
+GREEDY_FEATURES = 3072  # columns of one group's inverse kept for greedy removal (72 MB in float64)
+
+
+def _group_inverse(inverse: np.ndarray, units: np.ndarray, taps: int) -> GroupInverse | None:
+    """The group's block of the inverse when its units own equally many columns and it fits the bound."""
+    ids = np.unique(units[units >= 0])
+    positions = [np.flatnonzero(units == unit) for unit in ids]
+    if not positions or len({len(p) for p in positions}) != 1 or len(ids) * len(positions[0]) * taps \
+            > GREEDY_FEATURES:
+        return None
+    columns = np.stack([(p[:, None] * taps + np.arange(taps)).reshape(-1) for p in positions])
+    flat = columns.reshape(-1)
+    return GroupInverse(units, taps, len(units) * taps, ids, columns, inverse[np.ix_(flat, flat)])
+
+
 # What ``grams`` may map a Gram request to: the Gram itself (cut per group when scored), or the per-group
 # blocks collect_obs_blocks already cut from it (group root -> blocks).
-GramEntry = Gram | dict[int, UnitBlocks]
+GramEntry = Gram | dict[int, UnitBlocks | GroupInverse]
 
 
-def unit_blocks(h: np.ndarray, units: np.ndarray, taps: int, damp: float = DAMP) -> UnitBlocks:
-    """Damp ``h`` (features = len(units) × taps), invert it, and cut and invert each unit's block."""
+def unit_blocks(h: np.ndarray, units: np.ndarray, taps: int, damp: float = DAMP,
+                greedy: bool = True) -> UnitBlocks | GroupInverse:
+    """Damp ``h`` (features = len(units) × taps) and invert it; keep the group's block of the inverse for
+    greedy removal (``greedy`` and small enough), else cut and invert each unit's block."""
     features = h.shape[0]
     scale = float(np.mean(np.diag(h))) if features else 0.0
     lam = damp * scale if scale > 0 else 1.0  # the ridge convention of reconstruct.solve
     inverse = np.linalg.inv(h + lam * np.eye(features))
+    if greedy:
+        found = _group_inverse(inverse, units, taps)
+        if found is not None:
+            return found
     by_size: dict[int, list[tuple[int, np.ndarray]]] = {}
     for unit in np.unique(units[units >= 0]):
         positions = np.flatnonzero(units == unit)
@@ -89,7 +157,7 @@ def saliency(h: np.ndarray, weights: np.ndarray, units: np.ndarray, taps: int = 
              damp: float = DAMP) -> np.ndarray:
     """S(C) for every unit of ``units`` (per input position), ``weights`` [features, outputs]."""
     size = int(units.max()) + 1 if (units >= 0).any() else 0
-    return unit_blocks(h, units, taps, damp).scores(weights, size)
+    return unit_blocks(h, units, taps, damp, greedy=False).scores(weights, size)
 
 
 # ---------- calibration: per-group blocks of every consumer input's Gram matrix ----------------------

@@ -13,7 +13,7 @@ from graphprune.analysis import build_dim_graph
 from graphprune.analysis.groups import find_groups
 from graphprune.calibration import collect_gram
 from graphprune.criteria import consumers, score_group
-from graphprune.obs import collect_obs_blocks, gram_targets, obs_scores, saliency
+from graphprune.obs import GroupInverse, collect_obs_blocks, gram_targets, obs_scores, saliency, unit_blocks
 from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass
 
 # ---------- the formula: S(C) is the error increase after the least-squares refit of the other columns ----
@@ -42,6 +42,48 @@ def test_saliency_is_the_least_squares_refit_cost(taps):
         np.testing.assert_allclose(scores[unit], expected, rtol=1e-6)
         # The refit helps: without it the cost is the columns' whole contribution.
         assert expected < np.sum((x[:, columns] @ w[columns]) ** 2)
+
+
+# ---------- greedy removal: the order brute-force greedy refitting gives ----------------------------------
+
+
+def _brute_greedy(x: np.ndarray, w: np.ndarray, owned: list[np.ndarray], steps: int) -> list[int]:
+    """Remove, one at a time, the unit whose removal (with every earlier one) costs least after a refit."""
+    removed: list[int] = []
+    for _ in range(steps):
+        left = [u for u in range(len(owned)) if u not in removed]
+        costs = [_refit_cost(x, w, np.concatenate([owned[v] for v in removed + [u]])) for u in left]
+        removed.append(left[int(np.argmin(costs))])
+    return removed
+
+
+@pytest.mark.parametrize("taps", [1, 2])
+def test_greedy_scores_follow_brute_force_greedy_refitting(taps):
+    rng = np.random.default_rng(1)
+    units = np.array([0, 1, 2, 3, 4, 5, -1, 6])
+    features = len(units) * taps
+    x = rng.normal(size=(200, features))
+    x[:, :taps] = x[:, taps : 2 * taps] + 0.05 * rng.normal(size=(200, taps))  # unit 0 ≈ unit 1
+    w = rng.normal(size=(features, 3))
+    owned = [(np.flatnonzero(units == u)[:, None] * taps + np.arange(taps)).reshape(-1) for u in range(7)]
+    blocks = unit_blocks(x.T @ x, units, taps, damp=1e-12)
+    assert isinstance(blocks, GroupInverse)
+    scores = blocks.scores(w, 7)
+    order = list(np.argsort(scores, kind="stable"))
+    assert order[:6] == _brute_greedy(x, w, owned, 6)
+    assert np.all(np.diff(scores[order]) >= 0)
+
+
+def test_greedy_keeps_one_of_two_copies_where_one_shot_scores_drop_both():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 4))
+    x[:, 1] = x[:, 0] + 1e-3 * rng.normal(size=300)  # two near-copies: each alone is free to remove
+    w = np.ones((4, 2))
+    units = np.arange(4)
+    one_shot = saliency(x.T @ x, w, units, damp=1e-12)
+    assert set(np.argsort(one_shot)[:2]) == {0, 1}  # one-shot would remove both copies
+    greedy = unit_blocks(x.T @ x, units, 1, damp=1e-12).scores(w, 4)
+    assert len({0, 1} & set(np.argsort(greedy)[:2])) == 1  # greedy removes one, keeps the other
 
 
 # ---------- a planted linear combination: obs finds it, l2 does not -------------------------------------
