@@ -166,6 +166,9 @@ def optimize(
     min_ratio: float = 0.0,
     reconstruct: bool | str = False,
     protect: tuple[str, ...] = (),
+    target_speedup: float | None = None,
+    provider: str = "cpu",
+    threads: int | None = None,
 ) -> OptimizeResult:
     """Prune channels, verify against the original, and (if ``output`` is given) save atomically.
 
@@ -187,7 +190,20 @@ def optimize(
     allocations and budgets. The achieved MACs/params reduction is counted on the pruned model.
     ``protect``: group roles left whole; "residual": the groups that pass through a sum of activations
     (residual streams).
+    ``target_speedup``: prune until the model measured on ``provider`` (an ONNX Runtime execution
+    provider, bench.PROVIDERS) runs this many times faster than the original; ``ratio``, ``round_to`` and
+    ``allocation`` are then replaced by the latency plan (latency_plan.py), recorded in
+    ``settings["latency_plan"]``. ``threads``: ONNX Runtime intra-op threads for that timing (None: ORT's).
     """
+    if target_speedup is not None:
+        from graphprune.latency_plan import check_target
+
+        if target_flops is not None or target_params is not None:
+            raise GraphpruneError("--target-speedup and --target-flops/--target-params both say how much to "
+                                  "remove; give one of them.")
+        provider = check_target(target_speedup, provider)
+        if threads is not None and threads < 1:
+            raise GraphpruneError(f"--threads must be 1 or more: got {threads}.")
     if not 0.0 <= ratio < 1.0:
         raise GraphpruneError(f"--ratio must be in [0, 1): got {ratio}.")
     if round_to < 1:
@@ -221,8 +237,15 @@ def optimize(
     if calib is not None:
         config.calibration = _calibration_set(loaded, calib, calib_batch_size, calib_batches, input_shapes)
     pruning = PruneChannelsPass(config)
+    if target_speedup is not None:
+        from graphprune.latency_plan import SpeedupPass, SpeedupTarget
+
+        pruning = SpeedupPass(config, SpeedupTarget(target_speedup, provider, input_shapes, seed, threads),
+                              original)
     doing = (("collecting activation statistics, " if calib is not None else "")
-             + ("measuring sensitivity, " if allocation == "sensitivity" else "") + "analysing and pruning")
+             + ("measuring sensitivity, " if allocation == "sensitivity" else "")
+             + (f"timing layers on {provider} and planning, " if target_speedup is not None else "")
+             + "analysing and pruning")
     with step(doing[0].upper() + doing[1:]):
         pruning(loaded)
     if not any(group.prunable for group in pruning.groups):
@@ -246,6 +269,8 @@ def optimize(
                 "compensation": pruning.compensation.to_dict() if pruning.compensation else None,
                 "reconstruct": reconstruct,
                 "reconstruction": pruning.reconstruction.to_dict() if pruning.reconstruction else None}
+    if target_speedup is not None:
+        settings["latency_plan"] = pruning.search.to_dict()
     budget = None
     if pruning.plan.allocation is not None:
         budget = {**pruning.plan.allocation.to_dict(),

@@ -129,7 +129,7 @@ def _check_run_options(model: Path, output: Path, report_path: Path | None, samp
     shapes = parse_shape_overrides(input_shapes) or None
     _check_destination(output, "--output", model)
     if report_path is not None:
-        _check_destination(report_path, "--report", model, (output,))
+        _check_report(report_path, model, (output,))
     with _step(f"Loading {model}"):
         structure = check_model_file(model)
         resolve_shapes(structure, shapes, strict=False)
@@ -244,11 +244,30 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_report(path: Path, data: dict[str, Any]) -> None:
+    """--report: the JSON and, beside it, its HTML page (html_report.report_paths), each written atomically.
+    The page is rendered from the JSON as written, so `graphprune report` gives the same bytes."""
+    from graphprune.html_report import render_html, report_paths
+    from graphprune.io import write_text_atomic
+
+    json_path, html_path = report_paths(path)
+    write_json_atomic(json_path, data)
+    write_text_atomic(html_path, render_html(json.loads(json.dumps(data))))
+
+
+def _check_report(path: Path, model: Path, others: tuple[Path, ...]) -> None:
+    """--report names two files, the JSON and the HTML page: check both destinations."""
+    from graphprune.html_report import report_paths
+
+    for target in report_paths(path):
+        _check_destination(target, "--report", model, others)
+
+
 def _print_pass_result(result: Any, what: Table, output: Path, report_path: Path | None) -> Console:
     """Write the JSON report if asked, then print what the pass did, the dense-vs-pruned table and the
     fidelity; returns the console for the pass's own notes."""
     if report_path is not None:
-        write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
+        write_report(report_path, {**result.to_dict(), "output": str(output)})
     out = _stdout()
     out.print(what)
     out.print(comparison_table(result.before, result.after, result.latency))
@@ -290,6 +309,13 @@ def analyze(model: Path, as_json: bool) -> None:
                    "removed until the estimate reaches it; the achieved change is counted and reported.")
 @click.option("--target-params", type=float, default=None, metavar="SHARE",
               help="Share of the dense model's parameters to REMOVE, in [0, 1) (0.35 = -35% params).")
+@click.option("--target-speedup", type=float, default=None, metavar="S",
+              help="Prune until the model measured on --provider runs S times faster (1.5 = 1.5x): per-layer "
+                   "latency table, removal by importance lost per ms saved, whole-model checks.")
+@click.option("--provider", default=DEFAULTS["provider"], show_default=True,
+              help="With --target-speedup: the ONNX Runtime execution provider to time on (as for `bench`).")
+@click.option("--threads", type=int, default=None,
+              help="With --target-speedup: ONNX Runtime intra-op threads when timing. [default: ORT's own]")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None,
               help="How removal is spread over groups: uniform (same share each), global (ranked together "
                    "on standardised scores, by importance per cost under a target), sensitivity (global, "
@@ -319,7 +345,8 @@ def analyze(model: Path, as_json: bool) -> None:
               help="Random input sets for verification.")
 @click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True,
               help="Seed for random criteria and inputs.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write a JSON report here and its HTML page beside it.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time dense vs pruned with ONNX Runtime on CPU.")
 @click.option("--calib", metavar="SPEC",
@@ -341,16 +368,24 @@ def analyze(model: Path, as_json: bool) -> None:
 @click.option("--eval", "evaluator_name", metavar="NAME",
               help="Evaluate dense and pruned on a real model's offline data and print both: "
                    "mobilenet_v2, minilm, ppocr_rec, magika, silero_vad.")
+@click.option("--target", "deploy_target", type=click.Choice(["mobile"]), default=None,
+              help="Also write OUTPUT's ORT-format file (OUTPUT with .ort) and run ONNX Runtime's mobile "
+                   "usability check (graphprune export-ort).")
+@click.option("--fix-shapes", is_flag=True,
+              help="With --target mobile: make the .ort file's inputs static at the --input-shape shapes.")
 def optimize(model: Path, output: Path, ratio: float | None, target_flops: float | None,
-             target_params: float | None, allocation: str | None, min_ratio: float, criterion: str,
+             target_params: float | None, target_speedup: float | None, provider: str, threads: int | None,
+             allocation: str | None, min_ratio: float, criterion: str,
              global_rank: bool,
              max_group_ratio: float, round_to: int, units: str, exclude: tuple[str, ...],
              protect: tuple[str, ...], input_shapes: tuple[str, ...],
              samples: int, seed: int, report_path: Path | None, latency: bool, calib: str | None,
              compensate: bool | None, reconstruct: bool, reconstruct_mode: str | None,
              calib_batches: int | None, calib_batch_size: int,
-             evaluator_name: str | None) -> None:
+             evaluator_name: str | None, deploy_target: str | None, fix_shapes: bool) -> None:
     """Prune MODEL, verify it against the original, write OUTPUT."""
+    from graphprune.cli_deploy import check_target, export_for_target, print_ort_export
+
     evaluator = None
     if evaluator_name is not None:
         from graphprune.models.evaluators import get_evaluator
@@ -360,10 +395,17 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
     for option, target in targets.items():
         if target is not None:
             _check_range(option, target, 0.0, 1.0, high_open=True)
-    budgeted = any(t is not None for t in targets.values())
+    if target_speedup is not None:
+        given = [o for o, v in (("--ratio", ratio), *targets.items()) if v is not None]
+        if given:
+            raise GraphpruneError(f"--target-speedup and {given[0]} both say how much to remove; give one of them.")
+        if allocation is not None or global_rank:
+            raise GraphpruneError("--target-speedup allocates by importance lost per measured ms itself; "
+                                  "leave out --allocation and --global.")
+    budgeted = any(t is not None for t in targets.values()) or target_speedup is not None
     if ratio is None and not budgeted:
         raise GraphpruneError("give --ratio (share of units to remove) or a budget "
-                              "(--target-flops / --target-params).")
+                              "(--target-flops / --target-params / --target-speedup).")
     if ratio is not None and budgeted:
         raise GraphpruneError("--ratio and --target-flops/--target-params both say how much to remove; "
                               "give one of them.")
@@ -378,6 +420,7 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
     _check_at_least("--round-to", round_to, 1)
     shapes = _check_run_options(model, output, report_path, samples, input_shapes, calib_batch_size,
                                 calib_batches, exclude)
+    check_target(deploy_target, fix_shapes, input_shapes, model, output, report_path)
     result = api.optimize(model, output, ratio=DEFAULTS["ratio"] if ratio is None else ratio,
                           criterion=criterion, global_rank=global_rank, allocation=allocation,
                           target_flops=target_flops, target_params=target_params, min_ratio=min_ratio,
@@ -386,19 +429,28 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
                           input_shapes=shapes, samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0,
                           progress=_step, calib=calib, compensate=compensate, calib_batches=calib_batches,
                           calib_batch_size=calib_batch_size,
-                          reconstruct=reconstruct_mode or reconstruct, protect=protect)
+                          reconstruct=reconstruct_mode or reconstruct, protect=protect,
+                          target_speedup=target_speedup, provider=provider, threads=threads)
     speed = result.latency
     evaluation = None
     if evaluator is not None:
         with _step(f"Evaluating dense and pruned ({evaluator.name})"):
             evaluation = evaluator.compare(model, output)
+    mobile = export_for_target(deploy_target, output, shapes, fix_shapes) if deploy_target else None
     if report_path is not None:
-        write_json_atomic(report_path, {**result.to_dict(), "output": str(output), "evaluation": evaluation})
+        write_report(report_path, {**result.to_dict(), "output": str(output), "evaluation": evaluation,
+                                        **({"mobile_export": mobile.to_dict()} if mobile else {})})
     _print_result(result, speed, output, report_path)
     if result.allocation is not None:
         _print_allocation(result.allocation)
+    if "latency_plan" in result.settings:
+        from graphprune.latency_plan import summary
+
+        _stdout().print(summary(result.settings["latency_plan"]))
     if evaluation is not None:
         _stdout().print(evaluation_table(evaluation))
+    if mobile is not None:
+        print_ort_export(mobile, output.with_suffix(".ort"))
 
 
 def evaluation_table(evaluation: dict[str, Any]) -> Table:
@@ -483,14 +535,15 @@ def _print_result(result: api.OptimizeResult, speed: dict[str, Any] | None, outp
 @click.option("--calib-batch-size", type=int, default=8, show_default=True, help="Samples per calibration batch.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
               help="Concrete input shape, e.g. input:1x3x224x224 (repeatable).")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write a JSON report here and its HTML page beside it.")
 def refit(model: Path, dense: Path, output: Path, calib: str, calib_batches: int | None, calib_batch_size: int,
           input_shapes: tuple[str, ...], report_path: Path | None) -> None:
     """Refit MODEL's linear layers towards DENSE on calibration data (after any pass or tool)."""
     _check_at_least("--calib-batch-size", calib_batch_size, 1)
     _check_destination(output, "--output", model, (dense,))
     if report_path is not None:
-        _check_destination(report_path, "--report", model, (output, dense))
+        _check_report(report_path, model, (output, dense))
     with _step(f"Loading {model} and {dense}"):
         check_model_file(model)
         check_model_file(dense)
@@ -506,7 +559,9 @@ def refit(model: Path, dense: Path, output: Path, calib: str, calib_batches: int
     out.print(f"Refitted {done['reconstructed']} linear layer(s), {len(done['skipped'])} skipped; wrote {output}"
               + (f" and {report_path}." if report_path else "."))
     if report_path is not None:
-        write_json_atomic(report_path, result.to_dict())
+        settings = {"model": str(model), "dense": str(dense), "calib": calib, "calib_batches": calib_batches,
+                    "calib_batch_size": calib_batch_size}
+        write_report(report_path, {**result.to_dict(), "settings": settings, "output": str(output)})
 
 
 def dropped_table(result: api.DropLayersResult) -> Table:
@@ -540,7 +595,8 @@ def dropped_table(result: api.DropLayersResult) -> Table:
               help="Concrete input shape, e.g. input:1x3x224x224 (repeatable).")
 @click.option("--samples", type=int, default=4, show_default=True,
               help="Random input sets for verification (and for scoring without --calib).")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write a JSON report here and its HTML page beside it.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time dense vs pruned with ONNX Runtime on CPU.")
 def drop_layers(model: Path, output: Path, drop: int | None, target_flops: float | None, calib: str | None,
@@ -597,7 +653,8 @@ def experts_table(result: api.PruneExpertsResult) -> Table:
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
               help="Concrete input shape, e.g. x:128x1024 (repeatable).")
 @click.option("--samples", type=int, default=4, show_default=True, help="Random input sets for verification.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write a JSON report here and its HTML page beside it.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time dense vs pruned with ONNX Runtime on CPU.")
 def prune_experts(model: Path, output: Path, experts_keep: int | None, ratio: float | None, calib: str | None,
@@ -651,7 +708,8 @@ def token_stages_table(result: api.PruneTokensResult) -> Table:
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
               help="Concrete input shape, e.g. pixel_values:1x3x224x224 (repeatable).")
 @click.option("--samples", type=int, default=4, show_default=True, help="Random input sets for verification.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write a JSON report here and its HTML page beside it.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time dense vs pruned with ONNX Runtime on CPU.")
 def prune_tokens(model: Path, output: Path, keep: tuple[str, ...], cls: bool, input_shapes: tuple[str, ...],
@@ -680,7 +738,8 @@ def prune_tokens(model: Path, output: Path, keep: tuple[str, ...], cls: bool, in
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Model to write (required unless --dry-run).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe (every option filled in) and exit.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write a JSON report here and its HTML page beside it.")
 def run(model: Path, recipe_path: Path, output: Path | None, dry_run: bool, report_path: Path | None) -> None:
     """Run the passes of a recipe on MODEL, verify the result against MODEL once, write OUTPUT."""
     from graphprune.recipe import load_recipe, run_recipe
@@ -694,12 +753,12 @@ def run(model: Path, recipe_path: Path, output: Path | None, dry_run: bool, repo
         raise GraphpruneError("give the model to write: -o OUTPUT (or --dry-run to only print the recipe).")
     _check_destination(output, "--output", model, (recipe_path,))
     if report_path is not None:
-        _check_destination(report_path, "--report", model, (output, recipe_path))
+        _check_report(report_path, model, (output, recipe_path))
     with _step(f"Loading {model}"):
         check_model_file(model)
     result = run_recipe(model, recipe, output, progress=_step)
     if report_path is not None:
-        write_json_atomic(report_path, {**result.to_dict(), "output": str(output)})
+        write_report(report_path, {**result.to_dict(), "output": str(output)})
     out = _stdout()
     table = Table(title=f"Recipe {recipe_path}")
     for name, justify in (("#", "right"), ("step", "left"), ("MACs after", "right"), ("params after", "right")):
@@ -788,3 +847,9 @@ def bench_command(model: Path, other: Path | None, providers: str, batch: int | 
         out.print(table)
     shapes = "; ".join(f"{k}={'x'.join(map(str, v))}" for k, v in next(iter(result["inputs"].values())).items())
     out.print(f"Inputs: {shapes}" + (". Speedup = MODEL median / OTHER median, same run." if other else "."))
+
+
+from graphprune import (
+    cli_deploy,  # noqa: F401  (registers its commands)
+    cli_report,  # noqa: F401  (registers its commands)
+)

@@ -112,13 +112,24 @@ def _contrib_op_shapes(model: ir.Model) -> bool:
 
 def _light_proto(model: ir.Model) -> onnx.ModelProto:
     """The model as a proto for shape inference: big weights become typed inputs (inference needs
-    only the values of small shape constants)."""
-    proto = ir.to_proto(model)
-    graph = proto.graph
-    for tensor in [t for t in graph.initializer if np.prod(t.dims, dtype=np.int64) > 4096]:
-        graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-        graph.initializer.remove(tensor)
-    return proto
+    only the values of small shape constants). They are set aside before serialising, so that none is
+    read: a pruned large model's weights are sliced only when read (rewrite._sliced)."""
+    graph = model.graph
+    big = [v for v in graph.initializers.values() if v.const_value is not None and v.const_value.size > 4096]
+    inputs, initializers = list(graph.inputs), list(graph.initializers.values())
+    for value in big:
+        value.shape = value.shape or ir.Shape(value.const_value.shape)
+        value.dtype = value.dtype or value.const_value.dtype
+        graph.inputs.append(value)
+        graph.initializers.pop(value.name)
+    try:
+        return ir.to_proto(model)
+    finally:
+        graph.inputs.clear()
+        graph.inputs.extend(inputs)
+        graph.initializers.clear()
+        for value in initializers:  # in their order: it is the order of the weights in a written data file
+            graph.register_initializer(value)
 
 
 # Ops whose first output has the first input's shape and type, for when ONNX inference has no
@@ -355,9 +366,10 @@ FIRST_IR_WITHOUT_INITIALIZER_INPUTS = 4
 
 
 def write_model(model: ir.Model, path: Path, external_data: bool | None = None) -> None:
-    """Save; weights go to ``<name>.data`` beside the model when asked or when the model is large."""
+    """Save; weights go to ``<name>.data`` beside the model when asked, when the model is large, or when
+    they came from a data file (they stay memory-mapped until written, never all read in at once)."""
     if external_data is None:
-        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD or bool(_mapped(model))
     # prepare() takes weights out of the graph inputs, which IR 3 requires them to be: IR 4 reads the
     # same opsets and allows it (otherwise an opset-7 export fails the checker once pruned).
     model.ir_version = max(model.ir_version, FIRST_IR_WITHOUT_INITIALIZER_INPUTS)
@@ -365,7 +377,27 @@ def write_model(model: ir.Model, path: Path, external_data: bool | None = None) 
         if external_data:
             ir.save(model, path, external_data=f"{path.name}.data")
         else:
-            ir.save(model, path)
+            with _inlined(model):
+                ir.save(model, path)
+
+
+def _mapped(model: ir.Model) -> list[ir.Value]:
+    """Initializers whose weights still live in a data file (memory-mapped, not read in)."""
+    return [v for g in model.graphs() for v in g.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+
+
+@contextlib.contextmanager
+def _inlined(model: ir.Model):
+    """Weights of the input's data file held in memory while a model is saved without external data
+    (ir.save would otherwise write references to a data file that is not beside the output)."""
+    mapped = [(v, v.const_value) for v in _mapped(model)]
+    for value, tensor in mapped:
+        value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+    try:
+        yield
+    finally:
+        for value, tensor in mapped:
+            value.const_value = tensor
 
 
 @contextlib.contextmanager
@@ -397,6 +429,16 @@ def publish(staged: Path, path: Path) -> None:
     if data.exists():
         os.replace(data, path.with_name(f"{path.name}.data"))
     os.replace(staged, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name in the same folder, then rename: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def weight_bytes(model: ir.Model) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 import onnx_ir as ir
 import yaml
 
-from graphprune import api
+from graphprune import api, deploy
 from graphprune.errors import GraphpruneError
 from graphprune.metrics import ModelStats
 from graphprune.verify import VerifyReport, verify
@@ -75,6 +75,7 @@ PASSES_API: dict[str, StepSpec] = {spec.name: spec for spec in (
     StepSpec("prune-experts", api.prune_experts, "remove whole experts of every MoE layer"),
     StepSpec("prune-tokens", api.prune_tokens, "keep the top tokens by attention after chosen layers (ViT)"),
     StepSpec("refit", api.refit, "least-squares refit of linear layers towards the recipe's original model"),
+    StepSpec("quantize", deploy.quantize, "int8 through ONNX Runtime: dynamic, or static QDQ on `calib` (mode: qdq)"),
 )}
 
 

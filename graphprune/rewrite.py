@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
@@ -64,16 +66,17 @@ def _slice_params(g: DimGraph, removed: dict[int, np.ndarray]) -> None:
         distinct = set(plans.values())
         if distinct <= {()} or all(k is None for plan in distinct for k in plan):
             continue
-        array = value.const_value.numpy()
+        tensor = value.const_value
         if len(distinct) == 1:
-            _set_value(value, _take(array, next(iter(distinct))))
+            _set_value(value, _sliced(tensor, next(iter(distinct)), value.name))
             continue
         copies: dict[tuple, ir.Value] = {}
         for (node, index), plan in plans.items():
             if not plan or all(k is None for k in plan):
                 continue
             if plan not in copies:
-                copies[plan] = _new_initializer(g.model.graph, value, _take(array, plan), len(copies))
+                name = f"{value.name}__pruned{len(copies)}"
+                copies[plan] = _new_initializer(g.model.graph, value, _sliced(tensor, plan, name))
             node.replace_input_with(index, copies[plan])
 
 
@@ -84,14 +87,34 @@ def _take(array: np.ndarray, plan: tuple) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _set_value(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.tensor(array, name=value.name)
-    value.shape = ir.Shape(array.shape)
+def _sliced(tensor: ir.TensorProtocol, plan: tuple, name: str) -> ir.TensorProtocol:
+    """The kept slice of a weight. One still in its data file stays there: the slice is taken each time
+    it is read and when it is written, so a large model's sliced weights are never all in memory at once."""
+    if not isinstance(tensor, ir.ExternalTensor):
+        return ir.tensor(_take(tensor.numpy(), plan), name=name)
+    shape = [len(plan[axis]) if axis < len(plan) and plan[axis] is not None else dim
+             for axis, dim in enumerate(tensor.shape)]
+    # A private, not yet mapped handle on the same bytes: mapped only while a slice is taken.
+    source = ir.ExternalTensor(tensor.location, tensor.offset, tensor.length, tensor.dtype, shape=tensor.shape,
+                               name=tensor.name, base_dir=tensor.base_dir)
+    return ir.LazyTensor(functools.partial(_take_mapped, source, plan, name), dtype=tensor.dtype,
+                         shape=ir.Shape(shape), name=name)
 
 
-def _new_initializer(graph: ir.Graph, like: ir.Value, array: np.ndarray, number: int) -> ir.Value:
-    value = ir.Value(name=f"{like.name}__pruned{number}", shape=ir.Shape(array.shape), type=like.type,
-                     const_value=ir.tensor(array, name=f"{like.name}__pruned{number}"))
+def _take_mapped(source: ir.ExternalTensor, plan: tuple, name: str) -> ir.Tensor:
+    try:
+        return ir.tensor(_take(source.numpy(), plan), name=name)
+    finally:
+        source.release()  # unmap: the pages read would otherwise stay resident
+
+
+def _set_value(value: ir.Value, tensor: ir.TensorProtocol) -> None:
+    value.const_value = tensor
+    value.shape = ir.Shape(tensor.shape)
+
+
+def _new_initializer(graph: ir.Graph, like: ir.Value, tensor: ir.TensorProtocol) -> ir.Value:
+    value = ir.Value(name=tensor.name, shape=ir.Shape(tensor.shape), type=like.type, const_value=tensor)
     graph.register_initializer(value)
     return value
 

@@ -177,23 +177,32 @@ def verify(
     """
     check_model(pruned)
     ref_label, new_label = _label("original", original), _label("pruned", pruned)
+    input_sets = _input_sets(original, inputs, samples, overrides)
+    # One session at a time: each holds all of its model's weights, which for a large model is most of
+    # the memory verification needs.
     ref_session = make_session(original, providers=providers, label=ref_label)
+    ref_names = [o.name for o in ref_session.get_outputs()]
+    references = [_run_original(ref_session, feeds, ref_label) for feeds in input_sets]
+    del ref_session
     new_session = make_session(pruned, providers=providers, label=new_label)
-    _check_output_names(ref_session, new_session)
+    _check_output_names(ref_names, new_session)
     per_sample = []
-    for feeds in _input_sets(original, inputs, samples, overrides):
-        try:
-            ref = run_session(ref_session, feeds, ref_label)
-        except VerificationError as err:
-            # The original itself cannot run: the generated inputs do not suit it, nothing was pruned wrong.
-            shapes = ", ".join(f"{name}:{'x'.join(map(str, a.shape))}" for name, a in feeds.items())
-            raise GraphpruneError(f"{str(err).rstrip('.')}. The generated inputs ({shapes}) may not suit this model: give its "
-                                  "input shapes with --input-shape NAME:DIMS.") from err
+    for feeds, ref in zip(input_sets, references, strict=True):
         new = run_session(new_session, take_kept(feeds, resized), new_label)
         ref = take_kept(ref, resized)
         _check_shapes(ref, new)
         per_sample.append(fidelity(ref, new))
     return VerifyReport(samples=len(per_sample), outputs=_aggregate(per_sample))
+
+
+def _run_original(session: Any, feeds: Feeds, label: str) -> dict[str, np.ndarray]:
+    try:
+        return run_session(session, feeds, label)
+    except VerificationError as err:
+        # The original itself cannot run: the generated inputs do not suit it, nothing was pruned wrong.
+        shapes = ", ".join(f"{name}:{'x'.join(map(str, a.shape))}" for name, a in feeds.items())
+        raise GraphpruneError(f"{str(err).rstrip('.')}. The generated inputs ({shapes}) may not suit this model: give its "
+                              "input shapes with --input-shape NAME:DIMS.") from err
 
 
 def take_kept(arrays: Feeds, resized: Sequence[Mapping[str, Any]]) -> Feeds:
@@ -226,8 +235,7 @@ def _input_sets(
     return sets
 
 
-def _check_output_names(ref_session: Any, new_session: Any) -> None:
-    ref = [o.name for o in ref_session.get_outputs()]
+def _check_output_names(ref: list[str], new_session: Any) -> None:
     new = [o.name for o in new_session.get_outputs()]
     if sorted(ref) != sorted(new):
         raise VerificationError(

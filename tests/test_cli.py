@@ -72,7 +72,7 @@ def test_optimize_writes_a_smaller_model_and_a_report(resnet, tmp_path):
     assert data["fidelity"]["outputs"]["output"]["top1_agreement"] is not None
     assert data["latency"]["dense"]["median_ms"] > 0 and data["latency"]["speedup"] > 0
     assert digest(resnet) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned.onnx", "report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned.onnx", "report.html", "report.json"]
 
 
 def kept_counts(resnet: Path, tmp_path: Path, *extra: object) -> dict[int, int]:

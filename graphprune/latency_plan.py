@@ -1,0 +1,495 @@
+"""Latency-aware planning: prune until the model measured on a provider is ``S`` times faster.
+
+1. **Table.** Each candidate group gets a few kept widths (``FRACTIONS`` of its size, rounded to the
+   provider's preferred multiple, ``PROVIDER_MULTIPLES``). For every (group, width) the dense model with
+   only that group pruned to that width is built and timed against the dense model, interleaved: the
+   saving (median over rounds of the paired difference) is what pruning that group alone buys on this
+   provider, layout changes, fusions and padding included (a conv cut from 64 to 56 channels on AVX-512
+   saves nothing, see docs/round_to.md). Whole-model variants rather than isolated subgraphs: a subgraph
+   cut out of the model gets inputs and outputs in plain layout, so the NCHWc reorders the real model
+   does not have would be timed with it.
+2. **Order.** Steps go in ascending order of importance lost per ms saved. Importance is the criterion's
+   scores standardised as allocation.py does (``s / mean(s)`` of the group, times the MACs share a unit
+   owns), so removing units that are below their group's par, in layers whose time falls most per MAC,
+   goes first. A step may jump over widths that save nothing (a group goes 64 -> 48 when 56 buys nothing).
+   When no step saves time by the table, the rest follow by least importance: the checks decide.
+3. **Checks.** A plan is a prefix of that order. The first check builds the shortest prefix whose table
+   prediction reaches ``S`` (plus ``margin``) and times it against the dense model (median over rounds
+   of the paired ratio). Per-layer savings do not add up (reorders appear or vanish, two groups share a
+   conv whose work is C_out x C_in), so while no check has reached ``S``, the next prefix is the one
+   whose prediction, scaled by measured / predicted saving of the last check, reaches it. Once one has,
+   the prefix is bisected between the longest that fell short and the shortest that reached ``S``, until
+   they are adjacent or the measured speedup is within ``tolerance`` above ``S``: the plan removes no
+   more than the measurements say ``S`` needs. With nothing left under the ``max_group_ratio`` caps, the
+   best measured prefix is kept and the report says the target was not reached.
+
+Clock: with one intra-op thread on the CPU provider, ONNX Runtime runs the model on the calling thread,
+so the timer reads that thread's CPU time: the latency on an idle core, whatever else the machine runs
+(on a shared 2-core machine at load 9, wall-clock speedups of one pair of models ranged 1.32-2.10x over
+three runs, thread CPU time 1.51-1.56x). Otherwise it reads the wall clock. The timer is injectable
+(``Timer``), so the search can be tested without timing noise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphprune.allocation import CostModel
+from graphprune.analysis import build_dim_graph
+from graphprune.analysis.groups import find_groups
+from graphprune.bench import PROVIDERS, check_available, parse_providers
+from graphprune.calibration import collect_stats
+from graphprune.compensate import compensate_bias
+from graphprune.criteria import ACTIVATION_CRITERIA, GRAM_CRITERIA, score_group, stats_requests
+from graphprune.errors import GraphpruneError, VerificationError
+from graphprune.inputs import make_inputs
+from graphprune.latency import _feeds_for
+from graphprune.obs import collect_obs_blocks
+from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass, reconstruct_mode
+from graphprune.plan import GroupDecision, make_plan
+from graphprune.report import summarise_groups
+from graphprune.rewrite import apply_removal, interface_changes
+from graphprune.runtime import ModelLike, first_line, make_session
+from graphprune.verify import take_kept
+
+# Provider -> (preferred channel multiple, finest multiple for groups no larger than the preferred one).
+# cpu: MLAS's NCHWc convs pad channels to blocks of 16 (AVX-512) and leave that path below multiples
+# of 4 (docs/round_to.md). The others are not measured: 8 is the common tensor-core/SIMD alignment.
+PROVIDER_MULTIPLES: dict[str, tuple[int, int]] = {"cpu": (16, 4)}
+DEFAULT_MULTIPLES = (8, 4)
+FRACTIONS = (7 / 8, 3 / 4, 5 / 8, 1 / 2, 3 / 8, 1 / 4)  # candidate kept shares of a group
+MAX_CHUNK = 8  # variants timed with the dense model in one interleaved run (kept near it in time)
+
+# (models, one feed dict per model, rounds) -> per model, its ms in each round (every round runs every
+# model once). Savings and speedups are medians over rounds of paired differences and ratios: on a shared
+# machine the load changes from round to round, and a model's neighbour in the same round saw the same.
+Timer = Callable[[Sequence[ModelLike], Sequence[Mapping[str, np.ndarray]], int], list[list[float]]]
+
+
+def provider_multiples(provider: str) -> tuple[int, int]:
+    return PROVIDER_MULTIPLES.get(provider, DEFAULT_MULTIPLES)
+
+
+def candidate_widths(size: int, multiple: int, fine: int, min_kept: int = 1) -> list[int]:
+    """Kept widths to measure, descending, below ``size``: FRACTIONS of it rounded to ``multiple``.
+
+    Groups no larger than ``multiple`` are rounded to ``fine`` instead (on CPU a 16-channel group may go
+    to 12, 8 or 4: the table says whether that buys anything).
+    """
+    step = multiple if size > multiple else fine
+    widths = set()
+    for fraction in FRACTIONS:
+        width = max(step, math.floor(fraction * size / step + 0.5) * step)
+        if min_kept <= width < size:
+            widths.add(width)
+    return sorted(widths, reverse=True)
+
+
+CLOCKS = ("wall", "thread-cpu")
+
+
+def default_clock(provider: str, threads: int | None) -> str:
+    """thread-cpu where the whole run is on the calling thread (CPU provider, one intra-op thread)."""
+    return "thread-cpu" if provider == "cpu" and threads == 1 else "wall"
+
+
+def ort_timer(providers: Sequence[str] | None = None, threads: int | None = None, clock: str = "wall") -> Timer:
+    """The default timer: ONNX Runtime sessions on the given execution providers, runs interleaved with
+    the first model of each round rotating (as latency.compare_latency), read on ``clock``."""
+    if clock == "wall":
+        from graphprune.latency import compare_latency
+
+        def timer(models, feeds, rounds):
+            results = compare_latency(list(models), list(feeds), rounds=rounds, warmup=3, threads=threads,
+                                      providers=providers)
+            return [r.samples_ms for r in results]
+
+        return timer
+    if clock != "thread-cpu":
+        raise GraphpruneError(f"unknown clock '{clock}': use one of {', '.join(CLOCKS)}.")
+
+    def cpu_timer(models, feeds, rounds):
+        sessions = [make_session(m, providers=providers, threads=threads, label=f"model {i}")
+                    for i, m in enumerate(models)]
+        runs = [_feeds_for(s, f, f"model {i}") for i, (s, f) in enumerate(zip(sessions, feeds, strict=True))]
+        for session, run in zip(sessions, runs, strict=True):
+            for _ in range(3):
+                session.run(None, run)
+        times: list[list[float]] = [[] for _ in sessions]
+        for r in range(rounds):
+            for offset in range(len(sessions)):
+                i = (r + offset) % len(sessions)
+                start = time.thread_time()
+                try:
+                    sessions[i].run(None, runs[i])
+                except Exception as exc:
+                    raise VerificationError(f"ONNX Runtime failed to run model {i}: {first_line(exc)}") from exc
+                times[i].append((time.thread_time() - start) * 1000.0)
+        return times
+
+    return cpu_timer
+
+
+@dataclass
+class SpeedupTarget:
+    """What ``SpeedupPass`` aims at and how it measures.
+
+    ``table_seconds`` / ``check_seconds``: rough timing budgets of the table and of each whole-model
+    check (rounds are derived from the dense latency); ``margin``: the first check aims this much above
+    ``S``; ``tolerance``: a measured speedup at most this much above ``S`` ends the search;
+    ``max_checks``: whole-model checks at most; ``clock``: "wall" or "thread-cpu" (None: default_clock).
+    """
+
+    speedup: float
+    provider: str = "cpu"
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None
+    seed: int = 0
+    threads: int | None = None
+    table_seconds: float = 20.0
+    check_seconds: float = 4.0
+    margin: float = 0.02
+    tolerance: float = 0.05
+    max_checks: int = 12
+    clock: str | None = None
+    timer: Timer | None = None
+
+
+@dataclass
+class GroupWidths:
+    """One candidate group: its measured kept widths, the time each saves, the importance each loses."""
+
+    decision: GroupDecision
+    order: np.ndarray  # unit indices, weakest first
+    widths: list[int]  # size first, then the measured candidates, descending
+    saved_ms: list[float]  # per width (0 for the size)
+    importance: list[float]  # per width: standardised importance removed to get there
+    ms: list[float] = field(default_factory=list)  # measured median per candidate width
+    at: int = 0  # index into widths of the current kept width
+
+    @property
+    def kept(self) -> int:
+        return self.widths[self.at]
+
+    def removed(self, at: int | None = None) -> np.ndarray:
+        size = self.decision.group.size
+        return np.sort(self.order[: size - self.widths[self.at if at is None else at]]).astype(np.int64)
+
+
+def next_step(candidates: Sequence[GroupWidths], eps: float = 1e-9) -> tuple[int, int, float] | None:
+    """(candidate index, width index, importance per ms) of the cheapest step any group can take.
+
+    A group may jump over widths: from its current width it goes to whichever smaller measured width
+    gives the least importance lost per ms saved. Steps that save no time are never taken.
+    """
+    best = None
+    for i, c in enumerate(candidates):
+        for j in range(c.at + 1, len(c.widths)):
+            saved = c.saved_ms[j] - c.saved_ms[c.at]
+            if saved <= eps:
+                continue
+            key = (c.importance[j] - c.importance[c.at]) / saved
+            if best is None or key < best[2]:
+                best = (i, j, key)
+    return best
+
+
+def fallback_step(candidates: Sequence[GroupWidths]) -> tuple[int, int, float] | None:
+    """When no step saves time by the table: the next width of the group that loses the least importance."""
+    best = None
+    for i, c in enumerate(candidates):
+        if c.at + 1 < len(c.widths):
+            lost = c.importance[c.at + 1] - c.importance[c.at]
+            if best is None or lost < best[2]:
+                best = (i, c.at + 1, lost)
+    return None if best is None else (best[0], best[1], math.inf)
+
+
+def greedy_order(candidates: Sequence[GroupWidths]) -> list[tuple[int, int, float]]:
+    """Every step from the current widths to the last allowed, in the order the plan takes them:
+    ``next_step`` while the table promises a saving, else ``fallback_step``. The widths are left as found."""
+    start = [c.at for c in candidates]
+    order = []
+    while (step := next_step(candidates) or fallback_step(candidates)) is not None:
+        order.append(step)
+        candidates[step[0]].at = step[1]
+    for c, at in zip(candidates, start, strict=True):
+        c.at = at
+    return order
+
+
+def unit_importance(scores: np.ndarray, unit_cost: float) -> np.ndarray:
+    """Importance of each unit, weakest first, standardised as allocation.py does (s / mean(s) x cost)."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    mean = s.mean()
+    return (s / mean if mean > 0 else s) * unit_cost
+
+
+@dataclass
+class SpeedupSearch:
+    """The latency plan's record: the table, every whole-model check, what was reached."""
+
+    target: float
+    provider: str
+    multiple: int
+    fine_multiple: int
+    clock: str = "wall"
+    dense_ms: float = 0.0
+    table: list[dict[str, Any]] = field(default_factory=list)
+    order: list[dict[str, Any]] = field(default_factory=list)  # the steps, as greedy_order gives them
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    measured: float = 1.0  # the measured speedup of the plan chosen
+    steps: int = 0  # the plan chosen: this many steps of ``order``
+    reached: bool = False
+    stop: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target_speedup": self.target, "measured_speedup": self.measured, "target_reached": self.reached,
+                "provider": self.provider, "execution_provider": PROVIDERS[self.provider][0],
+                "multiple": self.multiple, "fine_multiple": self.fine_multiple, "clock": self.clock,
+                "dense_ms": self.dense_ms, "stop": self.stop, "seconds": self.seconds, "table": self.table,
+                "order": self.order, "steps": self.steps, "iterations": self.checks}
+
+
+class SpeedupPass(PruneChannelsPass):
+    """prune-channels with the removal decided by measured latency (see the module doc).
+
+    The ``PlanConfig`` fields still apply: criterion, exclude, protect, kinds, seed, max_group_ratio
+    (caps), min_ratio (every candidate group starts at least this far down); ``ratio``, ``round_to``,
+    budgets and allocation are replaced by the latency plan. ``reference``: the model the speedup is
+    measured against (the user's original file), the prepared dense model when None.
+    """
+
+    name = "prune-channels-speedup"
+
+    def __init__(self, config: PruneChannelsConfig, target: SpeedupTarget, reference: ModelLike | None = None):
+        super().__init__(config)
+        if reconstruct_mode(getattr(config, "reconstruct", False)):
+            raise GraphpruneError("--target-speedup does not combine with --reconstruct yet; "
+                                  "prune for speed first, then run `graphprune refit`.")
+        self.target = target
+        self.reference = reference
+        self.search: SpeedupSearch | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        config = self.config
+        dense = ir.to_proto(model)  # before anything changes: the variants are cut from it
+        g = build_dim_graph(model)
+        self.groups = find_groups(g)
+        self.declined = g.declined
+        calibration = getattr(config, "calibration", None)
+        pruned = [gr for gr in self.groups if gr.prunable and gr.kind in config.kinds]
+        if calibration is not None and (config.criterion in ACTIVATION_CRITERIA or config.compensate):
+            self.stats = collect_stats(model, stats_requests(g, pruned), calibration, progress=config.progress)
+        if calibration is not None and config.criterion in GRAM_CRITERIA:
+            self.grams = collect_obs_blocks(model, g, pruned, calibration, progress=config.progress)
+        # make_plan at ratio 0 decides which groups are candidates (exclude, protect, kinds) and scores
+        # nothing away; the scores are recomputed in its order with the same seed, so they are its own.
+        probe = replace(config, ratio=0.0, target_flops=None, target_params=None, allocation="uniform",
+                        global_rank=False, min_ratio=0.0)
+        self.plan = make_plan(g, self.groups, probe, stats=self.stats, grams=self.grams)
+        rng = np.random.default_rng(config.seed)
+        scored = [(d, score_group(g, d.group, config.criterion, rng, self.stats, self.grams)[0])
+                  for d in self.plan.decisions if d.criterion]
+        self.search = plan_speedup(dense, self.reference, g, scored, self.target, config.max_group_ratio,
+                                   config.min_ratio)
+        self.summaries = summarise_groups(g, self.groups, self.plan)
+        self.resized = interface_changes(g, self.plan.removed)
+        if config.compensate and self.stats is not None:
+            self.compensation = compensate_bias(g, self.plan, self.stats)
+        apply_removal(g, self.plan.removed)
+        return ir.passes.PassResult(model, modified=bool(self.plan.removed))
+
+
+def check_target(speedup: float, provider: str) -> str:
+    """The provider's short name, after checking the target and that the provider is installed."""
+    if not speedup > 1.0:
+        raise GraphpruneError(f"--target-speedup must be more than 1 (1.5 = 1.5x faster): got {speedup:g}.")
+    names = parse_providers(provider)
+    if len(names) != 1:
+        raise GraphpruneError(f"--provider takes one provider for --target-speedup: got {', '.join(names)}.")
+    check_available(names)
+    return names[0]
+
+
+def summary(record: Mapping[str, Any]) -> str:
+    """One line for the CLI: requested and measured speedup, how many checks, and whether it was reached."""
+    checks = len(record["iterations"])
+    line = (f"Target speedup: {record['target_speedup']:.2f}x requested, {record['measured_speedup']:.2f}x "
+            f"measured on {record['provider']} ({checks} whole-model check(s), "
+            f"{record['seconds'].get('total', 0.0):.0f} s of planning).")
+    if not record["target_reached"]:
+        line += f" [yellow]Not reached:[/] {record['stop']}."
+    return line
+
+
+def plan_speedup(dense: onnx.ModelProto, reference: ModelLike | None, g, scored: Sequence[tuple[GroupDecision,
+                 np.ndarray]], target: SpeedupTarget, max_group_ratio: float = 0.9,
+                 min_ratio: float = 0.0) -> SpeedupSearch:
+    """Measure the table, run the greedy with whole-model checks, set each decision's ``removed``."""
+    multiple, fine = provider_multiples(target.provider)
+    clock = target.clock or default_clock(target.provider, target.threads)
+    search = SpeedupSearch(target.speedup, target.provider, multiple, fine, clock)
+    timer = target.timer or ort_timer(_provider_chain(target.provider), target.threads, clock)
+    reference = dense if reference is None else reference
+    feeds = make_inputs(dense, overrides=target.input_shapes, seed=target.seed)
+    started = time.perf_counter()
+    dense_ms = float(np.median(timer([reference], [feeds], 10)[0]))
+    cost = CostModel(g, [d.group for d, _ in scored])
+    candidates = []
+    for i, (d, scores) in enumerate(scored):
+        size = d.group.size
+        min_kept = max(1, math.ceil((1.0 - max_group_ratio) * size - 1e-9))
+        widths = [size, *candidate_widths(size, multiple, fine, min_kept)]
+        unit_cost = (cost.unit_macs[i] / cost.total_macs if cost.total_macs and cost.unit_macs[i] > 0
+                     else cost.unit_params[i] / max(cost.total_params, 1.0))
+        removed_importance = np.concatenate([[0.0], np.cumsum(unit_importance(scores, unit_cost))])
+        candidates.append(GroupWidths(d, np.argsort(scores, kind="stable"), widths, [0.0] * len(widths),
+                                     [float(removed_importance[size - w]) for w in widths]))
+        d.skipped = "" if len(widths) > 1 else f"no kept width below {size} on the {target.provider} grid"
+    search.dense_ms = _measure_table(dense, g, candidates, feeds, timer, target, dense_ms, search)
+    search.seconds["table"] = time.perf_counter() - started
+    for c in candidates:
+        c.at = max((j for j, w in enumerate(c.widths) if w <= (1.0 - min_ratio) * c.decision.group.size + 1e-9),
+                   default=0) if min_ratio > 0 else 0
+    _search(dense, reference, candidates, feeds, timer, target, search)
+    search.seconds["total"] = time.perf_counter() - started
+    for c in candidates:
+        c.decision.removed = c.removed()
+        if not len(c.decision.removed) and not c.decision.skipped:
+            c.decision.skipped = "not needed for the target, or no measured saving"
+    return search
+
+
+def _provider_chain(provider: str) -> list[str]:
+    ep = PROVIDERS[provider][0]
+    return [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
+
+
+def _variant(dense: onnx.ModelProto, removed: Mapping[int, np.ndarray], feeds: Mapping[str, np.ndarray]
+             ) -> tuple[onnx.ModelProto, Mapping[str, np.ndarray]]:
+    """The dense model with ``removed`` cut out (no compensation: it does not change the time), and its feeds."""
+    model = ir.from_proto(dense)
+    g = build_dim_graph(model)
+    removed = {root: units for root, units in removed.items() if len(units)}
+    resized = interface_changes(g, removed)
+    apply_removal(g, removed)
+    return ir.to_proto(model), take_kept(feeds, resized)
+
+
+def _rounds(seconds: float, models_per_round: int, ms: float, low: int, high: int) -> int:
+    return int(min(high, max(low, seconds * 1000.0 / max(models_per_round * ms, 1e-6))))
+
+
+def _measure_table(dense, g, candidates: list[GroupWidths], feeds, timer: Timer, target: SpeedupTarget,
+                   dense_ms: float, search: SpeedupSearch) -> float:
+    """Fill each candidate's ``saved_ms`` (dense median minus variant median, same interleaved run)."""
+    jobs = [(c, j) for c in candidates for j in range(1, len(c.widths))]
+    chunks = [jobs[k:k + MAX_CHUNK] for k in range(0, len(jobs), MAX_CHUNK)] or [[]]
+    rounds = _rounds(target.table_seconds, len(jobs) + len(chunks), dense_ms, 15, 300)
+    dense_runs = []
+    for chunk in chunks:
+        built = [_variant(dense, {c.decision.group.root: c.removed(j)}, feeds) for c, j in chunk]
+        times = np.asarray(timer([dense, *[m for m, _ in built]], [feeds, *[f for _, f in built]], rounds))
+        dense_runs.extend(times[0])
+        for (c, j), ms in zip(chunk, times[1:], strict=True):
+            c.ms.append(float(np.median(ms)))
+            c.saved_ms[j] = float(np.median(times[0] - ms))
+    for c in candidates:
+        group = c.decision.group
+        search.table.append({"group": group.id, "size": group.size, "kind": group.kind,
+                             "widths": [{"kept": w, "ms": ms, "saved_ms": s, "importance": imp}
+                                        for w, ms, s, imp in zip(c.widths[1:], c.ms, c.saved_ms[1:],
+                                                                 c.importance[1:], strict=True)]})
+    search.seconds["table_rounds"] = rounds
+    return float(np.median(dense_runs))
+
+
+def _search(dense, reference, candidates: list[GroupWidths], feeds, timer: Timer, target: SpeedupTarget,
+            search: SpeedupSearch) -> None:
+    """Check prefixes of the greedy order: corrected guesses until one reaches S, then bisection."""
+    start = [c.at for c in candidates]
+    order = greedy_order(candidates)
+    for i, j, key in order:
+        c = candidates[i]
+        search.order.append({"group": c.decision.group.id, "from": c.kept, "to": c.widths[j],
+                             "importance_per_ms": key if math.isfinite(key) else None})
+        c.at = j
+    predicted = [0.0] * (len(order) + 1)  # share of the dense time each prefix saves, by the table
+    for k in range(len(order) + 1):
+        for c, at in zip(candidates, start, strict=True):
+            c.at = at
+        for i, j, _ in order[:k]:
+            candidates[i].at = j
+        predicted[k] = sum(c.saved_ms[c.at] for c in candidates) / search.dense_ms
+    if not order:
+        search.stop = "no group has a kept width below its size under the caps and the provider's multiples"
+        for c, at in zip(candidates, start, strict=True):
+            c.at = at
+        return
+
+    def set_prefix(k: int) -> None:
+        for c, at in zip(candidates, start, strict=True):
+            c.at = at
+        for i, j, _ in order[:k]:
+            candidates[i].at = j
+
+    def guess(lowest: int, factor: float) -> int:
+        aim = 1.0 - 1.0 / (target.speedup * (1.0 + target.margin))
+        return next((k for k in range(lowest, len(order) + 1) if predicted[k] * factor >= aim), len(order))
+
+    measured: dict[int, float] = {}
+    short, reached = -1, None  # longest prefix measured below S, shortest measured at or above it
+    k = guess(0, 1.0)
+    while len(search.checks) < target.max_checks:
+        set_prefix(k)
+        measured[k] = _check(dense, reference, candidates, feeds, timer, target, search, k, predicted[k])
+        if measured[k] >= target.speedup:
+            reached = k if reached is None else min(reached, k)
+        else:
+            short = max(short, k)
+        if reached is not None:
+            if reached - short <= 1 or measured[reached] <= target.speedup * (1.0 + target.tolerance):
+                break
+            k = (short + reached + 1) // 2
+        elif short >= len(order):
+            break
+        else:
+            # Non-additivity: scale the table's savings by what the last check realised of them.
+            done = 1.0 - 1.0 / measured[k]
+            factor = min(2.0, max(0.2, done / predicted[k])) if predicted[k] > 0 else 1.0
+            k = guess(short + 1, factor)
+    chosen = reached if reached is not None else max(measured, key=measured.get)
+    set_prefix(chosen)
+    search.measured, search.reached, search.steps = measured[chosen], reached is not None, chosen
+    if reached is not None:
+        search.stop = "measured speedup reached the target"
+    elif short >= len(order):
+        search.stop = ("nothing left to remove under --max-ratio and the provider's widths; the best plan "
+                       "measured is kept")
+    else:
+        search.stop = f"stopped after {target.max_checks} whole-model checks; the best plan measured is kept"
+
+
+def _check(dense, reference, candidates: list[GroupWidths], feeds, timer: Timer, target: SpeedupTarget,
+           search: SpeedupSearch, steps: int, predicted: float) -> float:
+    """Build the plan the candidates' widths describe and time it against the reference; records it."""
+    removed = {c.decision.group.root: c.removed() for c in candidates}
+    model, pruned_feeds = _variant(dense, removed, feeds)
+    rounds = _rounds(target.check_seconds, 2, search.dense_ms, 30, 2000)
+    dense_runs, pruned_runs = np.asarray(timer([reference, model], [feeds, pruned_feeds], rounds))
+    measured = float(np.median(dense_runs / pruned_runs))
+    search.checks.append({"iteration": len(search.checks) + 1, "steps": steps,
+                          "kept": {c.decision.group.id: c.kept for c in candidates},
+                          "predicted_speedup": 1.0 / (1.0 - predicted) if predicted < 1.0 else None,
+                          "measured_speedup": measured, "dense_ms": float(np.median(dense_runs)),
+                          "pruned_ms": float(np.median(pruned_runs)), "rounds": rounds})
+    return measured
