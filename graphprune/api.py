@@ -76,6 +76,11 @@ class OptimizeResult:
 Progress = Callable[[str], AbstractContextManager[Any]]
 
 
+def _counter(progress: Progress | None) -> Callable[[int], None] | None:
+    """A progress object may also count what a long step has done (calibration batches, model runs)."""
+    return getattr(progress, "count", None)
+
+
 def _check_output(model: ModelInput, output: str | os.PathLike | None) -> None:
     if output is None:
         return
@@ -234,6 +239,7 @@ def optimize(
                                  kinds=tuple(units), compensate=compensate, allocation=allocation,
                                  target_flops=target_flops, target_params=target_params, min_ratio=min_ratio,
                                  reconstruct=reconstruct, protect=tuple(protect))
+    config.progress = _counter(progress)
     if calib is not None:
         config.calibration = _calibration_set(loaded, calib, calib_batch_size, calib_batches, input_shapes)
     pruning = PruneChannelsPass(config)
@@ -393,7 +399,8 @@ def drop_layers(
     with step("Loading"):
         loaded, label, original, before = _load_counted(model, input_shapes)
     config = DropLayersConfig(drop=drop, target_flops=target_flops, max_batches=calib_batches,
-                              input_shapes=input_shapes, samples=samples, seed=seed)
+                              input_shapes=input_shapes, samples=samples, seed=seed,
+                              progress=_counter(progress))
     if calib is not None:
         config.calibration = _calibration_set(loaded, calib, calib_batch_size, calib_batches, input_shapes)
     dropping = DropLayersPass(config)

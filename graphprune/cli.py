@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import inspect
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,61 @@ MEMBER_CHARS = 48
 LATENCY_ROUNDS = 20
 
 
+@dataclass
+class _OutputMode:
+    """What the running command prints: --quiet drops progress and tables; --json prints only the
+    command's result (what --report writes) as JSON on stdout. Errors and notes on stderr always show."""
+
+    quiet: bool = False
+    json: bool = False
+    result: dict[str, Any] | None = None
+
+
+_MODE = _OutputMode()
+
+
 def _stdout() -> Console:
-    return Console()
+    return Console(quiet=_MODE.quiet or _MODE.json)
 
 
 def _stderr() -> Console:
     return Console(stderr=True)
+
+
+def output_options(json_flag: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Adds --quiet (and --json unless the command has its own) to a command.
+
+    With --json the command's result, handed over by ``emit``, is printed as JSON on stdout."""
+
+    def wrap(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def run(*args: Any, quiet: bool = False, json_output: bool = False, **kwargs: Any) -> Any:
+            previous = _OutputMode(**vars(_MODE))
+            _MODE.quiet, _MODE.json, _MODE.result = quiet, json_output, None
+            try:
+                command(*args, **kwargs)
+                if json_output:
+                    click.echo(json.dumps(_MODE.result if _MODE.result is not None else {}, indent=2,
+                                          default=str))
+            finally:
+                _MODE.quiet, _MODE.json, _MODE.result = previous.quiet, previous.json, previous.result
+
+        run = click.option("-q", "--quiet", is_flag=True,
+                           help="No progress and no tables; errors and notes still go to stderr.")(run)
+        if json_flag:
+            run = click.option("--json", "json_output", is_flag=True,
+                               help="Print the result (what --report writes) as JSON on stdout, nothing else.")(run)
+        return run
+
+    return wrap
+
+
+def emit(data: dict[str, Any], report_path: Path | None = None) -> None:
+    """The command's machine-readable result: written to --report (JSON and HTML page) when asked, and
+    printed by --json."""
+    if report_path is not None:
+        write_report(report_path, data)
+    _MODE.result = data
 
 
 class _Group(click.Group):
@@ -59,10 +110,33 @@ def main() -> None:
     """Structured pruning for ONNX graphs: find coupled channel groups, remove units, verify."""
 
 
-@contextmanager
-def _step(text: str) -> Iterator[None]:
-    with _stderr().status(text):
-        yield
+class _Status:
+    """Progress on stderr: a spinner per long step, with the count of calibration batches or model runs
+    done when the step reports them (``count``). Silent under --quiet and --json."""
+
+    def __init__(self) -> None:
+        self._status: Any = None
+        self._text = ""
+
+    @contextmanager
+    def __call__(self, text: str) -> Iterator[None]:
+        if _MODE.quiet or _MODE.json or self._status is not None:  # nested steps keep the outer spinner
+            yield
+            return
+        self._text = text
+        with _stderr().status(text) as status:
+            self._status = status
+            try:
+                yield
+            finally:
+                self._status = None
+
+    def count(self, done: int) -> None:
+        if self._status is not None:
+            self._status.update(f"{self._text} ({done} done)")
+
+
+_step = _Status()
 
 
 # ---------- validation ----------
@@ -266,8 +340,7 @@ def _check_report(path: Path, model: Path, others: tuple[Path, ...]) -> None:
 def _print_pass_result(result: Any, what: Table, output: Path, report_path: Path | None) -> Console:
     """Write the JSON report if asked, then print what the pass did, the dense-vs-pruned table and the
     fidelity; returns the console for the pass's own notes."""
-    if report_path is not None:
-        write_report(report_path, {**result.to_dict(), "output": str(output)})
+    emit({**result.to_dict(), "output": str(output)}, report_path)
     out = _stdout()
     out.print(what)
     out.print(comparison_table(result.before, result.after, result.latency))
@@ -280,6 +353,7 @@ def _print_pass_result(result: Any, what: Table, output: Path, report_path: Path
 
 
 @main.command()
+@output_options(json_flag=False)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
 def analyze(model: Path, as_json: bool) -> None:
@@ -300,6 +374,7 @@ def analyze(model: Path, as_json: bool) -> None:
 
 
 @main.command()
+@output_options()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Pruned model to write.")
 @click.option("--ratio", type=float, default=None,
@@ -437,9 +512,8 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
         with _step(f"Evaluating dense and pruned ({evaluator.name})"):
             evaluation = evaluator.compare(model, output)
     mobile = export_for_target(deploy_target, output, shapes, fix_shapes) if deploy_target else None
-    if report_path is not None:
-        write_report(report_path, {**result.to_dict(), "output": str(output), "evaluation": evaluation,
-                                        **({"mobile_export": mobile.to_dict()} if mobile else {})})
+    emit({**result.to_dict(), "output": str(output), "evaluation": evaluation,
+          **({"mobile_export": mobile.to_dict()} if mobile else {})}, report_path)
     _print_result(result, speed, output, report_path)
     if result.allocation is not None:
         _print_allocation(result.allocation)
@@ -526,6 +600,7 @@ def _print_result(result: api.OptimizeResult, speed: dict[str, Any] | None, outp
 
 
 @main.command()
+@output_options()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--dense", "dense", type=click.Path(path_type=Path), required=True,
               help="The dense model MODEL was derived from (node and value names kept).")
@@ -558,10 +633,9 @@ def refit(model: Path, dense: Path, output: Path, calib: str, calib_batches: int
                   f"{result.after.min_cosine:.4f}.")
     out.print(f"Refitted {done['reconstructed']} linear layer(s), {len(done['skipped'])} skipped; wrote {output}"
               + (f" and {report_path}." if report_path else "."))
-    if report_path is not None:
-        settings = {"model": str(model), "dense": str(dense), "calib": calib, "calib_batches": calib_batches,
-                    "calib_batch_size": calib_batch_size}
-        write_report(report_path, {**result.to_dict(), "settings": settings, "output": str(output)})
+    settings = {"model": str(model), "dense": str(dense), "calib": calib, "calib_batches": calib_batches,
+                "calib_batch_size": calib_batch_size}
+    emit({**result.to_dict(), "settings": settings, "output": str(output)}, report_path)
 
 
 def dropped_table(result: api.DropLayersResult) -> Table:
@@ -580,6 +654,7 @@ def dropped_table(result: api.DropLayersResult) -> Table:
 
 
 @main.command("drop-layers")
+@output_options()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Model to write.")
 @click.option("--drop", type=int, default=None, metavar="N", help="How many residual blocks to remove.")
@@ -640,6 +715,7 @@ def experts_table(result: api.PruneExpertsResult) -> Table:
 
 
 @main.command("prune-experts")
+@output_options()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Model to write.")
 @click.option("--experts-keep", type=int, default=None, metavar="N", help="Experts to keep in every MoE layer.")
@@ -697,6 +773,7 @@ def token_stages_table(result: api.PruneTokensResult) -> Table:
 
 
 @main.command("prune-tokens")
+@output_options()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Model to write.")
 @click.option("--keep", "keep", multiple=True, required=True, metavar="KEEP@LAYER",
@@ -732,6 +809,7 @@ def prune_tokens(model: Path, output: Path, keep: tuple[str, ...], cls: bool, in
 
 
 @main.command("run")
+@output_options()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), required=True,
               help="YAML recipe: the passes to run in order (see docs/recipes.md and `graphprune passes`).")
@@ -747,7 +825,9 @@ def run(model: Path, recipe_path: Path, output: Path | None, dry_run: bool, repo
     recipe = load_recipe(recipe_path)
     if dry_run:
         check_model_file(model)
-        click.echo(recipe.to_yaml(), nl=False)
+        emit(recipe.to_dict())
+        if not _MODE.json:
+            click.echo(recipe.to_yaml(), nl=False)
         return
     if output is None:
         raise GraphpruneError("give the model to write: -o OUTPUT (or --dry-run to only print the recipe).")
@@ -757,8 +837,7 @@ def run(model: Path, recipe_path: Path, output: Path | None, dry_run: bool, repo
     with _step(f"Loading {model}"):
         check_model_file(model)
     result = run_recipe(model, recipe, output, progress=_step)
-    if report_path is not None:
-        write_report(report_path, {**result.to_dict(), "output": str(output)})
+    emit({**result.to_dict(), "output": str(output)}, report_path)
     out = _stdout()
     table = Table(title=f"Recipe {recipe_path}")
     for name, justify in (("#", "right"), ("step", "left"), ("MACs after", "right"), ("params after", "right")):
@@ -776,6 +855,7 @@ def run(model: Path, recipe_path: Path, output: Path | None, dry_run: bool, repo
 
 
 @main.command("passes")
+@output_options()
 def passes() -> None:
     """List the steps a recipe can use, with their options and defaults."""
     from graphprune.recipe import PASSES_API, RECIPE_KEYS
@@ -793,9 +873,19 @@ def passes() -> None:
             table.add_row(option.replace("_", "-"), f"{json.dumps(list(value))} (fixed)")
         out.print(table)
     out.print("Recipe-level keys: " + "; ".join(f"{k.replace('_', '-')}: {v}" for k, v in RECIPE_KEYS.items()))
+    emit({"steps": {name: {"summary": spec.summary,
+                           "options": {k.replace("_", "-"): _plain_value(v) for k, v in spec.options().items()},
+                           "fixed": {k.replace("_", "-"): _plain_value(v) for k, v in spec.fixed.items()}}
+                    for name, spec in PASSES_API.items()},
+          "recipe_keys": {k.replace("_", "-"): v for k, v in RECIPE_KEYS.items()}})
+
+
+def _plain_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 @main.command("bench")
+@output_options(json_flag=False)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("other", type=click.Path(path_type=Path), required=False)
 @click.option("--providers", default="cpu", show_default=True, metavar="NAMES",

@@ -21,11 +21,11 @@ from graphprune.cli import (
     _speedup,
     _stdout,
     _step,
+    emit,
     evaluation_table,
     fidelity_table,
     main,
-    write_json_atomic,
-    write_report,
+    output_options,
 )
 from graphprune.errors import GraphpruneError
 from graphprune.inputs import parse_shape_overrides
@@ -111,6 +111,7 @@ fix_shapes_option = click.option(
 
 
 @main.command("export-ort")
+@output_options(json_flag=False)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The .ort file to write.")
 @click.option("--fix-shape", "fix_shape", multiple=True, metavar="NAME:DIMS",
@@ -130,7 +131,7 @@ fix_shapes_option = click.option(
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
               help="Shape of the random inputs the .ort file is checked on, for dims left dynamic (repeatable).")
 @click.option("--samples", type=int, default=4, show_default=True, help="Random input sets for the check.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here and its HTML page beside it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
 def export_ort(model: Path, output: Path, fix_shape: tuple[str, ...], fix_dim: tuple[str, ...], optimization: str,
                style: str, target_platform: str, mobile_check: bool, input_shapes: tuple[str, ...], samples: int,
@@ -142,8 +143,7 @@ def export_ort(model: Path, output: Path, fix_shape: tuple[str, ...], fix_dim: t
     result = deploy.export_ort(model, output, fix_shape=fixed, fix_dim=dims, optimization=optimization, style=style,
                                target_platform=target_platform, mobile_check=mobile_check, samples=samples,
                                input_shapes=shapes, progress=None if as_json else _step)
-    if report_path is not None:
-        write_json_atomic(report_path, result.to_dict())
+    emit(result.to_dict(), report_path)  # the report gets its HTML page too
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -167,6 +167,7 @@ def quantize_table(result: deploy.QuantizeResult) -> Table:
 
 
 @main.command()
+@output_options()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Quantized model to write.")
 @click.option("--mode", type=click.Choice(deploy.MODES), default="dynamic", show_default=True,
@@ -193,7 +194,7 @@ def quantize_table(result: deploy.QuantizeResult) -> Table:
 @click.option("--samples", type=int, default=4, show_default=True,
               help="Random input sets (and calibration batches) for verification.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here and its HTML page beside it.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time float vs quantized with ONNX Runtime on CPU.")
 @click.option("--eval", "evaluator_name", metavar="NAME",
@@ -230,9 +231,8 @@ def quantize(model: Path, output: Path, mode: str, calib: str | None, calib_batc
         with _step(f"Evaluating float and quantized ({evaluator.name})"):
             evaluation = evaluator.compare(model, output)
     mobile = export_for_target(target, output, shapes, fix_shapes) if target else None
-    if report_path is not None:
-        write_report(report_path, {**result.to_dict(), "output": str(output), "evaluation": evaluation,
-                                        "mobile_export": mobile.to_dict() if mobile else None})
+    emit({**result.to_dict(), "output": str(output), "evaluation": evaluation,
+          "mobile_export": mobile.to_dict() if mobile else None}, report_path)
     out = _stdout()
     out.print(quantize_table(result))
     if result.verification is not None:

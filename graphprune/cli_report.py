@@ -6,13 +6,14 @@ from pathlib import Path
 
 import click
 
-from graphprune.cli import _stdout, main
+from graphprune.cli import _stdout, emit, main, output_options
 from graphprune.errors import GraphpruneError
 from graphprune.html_report import load_report, render_html, report_paths
 from graphprune.io import write_text_atomic
 
 
 @main.command("report")
+@output_options()
 @click.argument("report", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="HTML page to write. [default: REPORT with .html for .json]")
@@ -29,4 +30,5 @@ def report_command(report: Path, output: Path | None) -> None:
     if not target.parent.is_dir():
         raise GraphpruneError(f"-o {target}: the folder '{target.parent}' does not exist; create it first.")
     write_text_atomic(target, render_html(data))
+    emit({"report": str(report), "html": str(target)})
     _stdout().print(f"Wrote {target}.", highlight=False)

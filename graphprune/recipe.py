@@ -328,6 +328,8 @@ def run_recipe(model: api.ModelInput, recipe: Recipe, output: str | os.PathLike 
         def sub(text: str, label: str = label) -> AbstractContextManager[Any]:
             return step(label + text)
 
+        sub.count = getattr(step, "count", None)  # type: ignore[attr-defined]  # batch counts pass through
+
         kwargs = {**options, "input_shapes": shapes, "check": False, "progress": sub}
         if item.name != "refit":
             kwargs["latency_rounds"] = 0
