@@ -376,7 +376,12 @@ def analyze(model: Path, as_json: bool) -> None:
 @main.command()
 @output_options()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Pruned model to write.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Pruned model to write (required unless --dry-run).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
+              help="Run this YAML recipe instead of the pruning flags (as `graphprune run --recipe`).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the recipe the flags stand for (runnable by `graphprune run --recipe`) and exit.")
 @click.option("--ratio", type=float, default=None,
               help="Share of units to remove, in [0, 1). Required unless --target-flops/--target-params.")
 @click.option("--target-flops", type=float, default=None, metavar="SHARE",
@@ -457,9 +462,21 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
              samples: int, seed: int, report_path: Path | None, latency: bool, calib: str | None,
              compensate: bool | None, reconstruct: bool, reconstruct_mode: str | None,
              calib_batches: int | None, calib_batch_size: int,
-             evaluator_name: str | None, deploy_target: str | None, fix_shapes: bool) -> None:
-    """Prune MODEL, verify it against the original, write OUTPUT."""
+             evaluator_name: str | None, deploy_target: str | None, fix_shapes: bool,
+             recipe_path: Path | None, dry_run: bool) -> None:
+    """Prune MODEL, verify it against the original, write OUTPUT.
+
+    The pruning flags are shorthand for a one-step recipe (`--dry-run` prints it); `--recipe` runs a
+    recipe file instead."""
     from graphprune.cli_deploy import check_target, export_for_target, print_ort_export
+
+    if recipe_path is not None:
+        _reject_flags_beside_recipe()
+        _run_recipe_file(model, recipe_path, output, dry_run, report_path)
+        return
+    if output is None and not dry_run:
+        raise GraphpruneError("give the model to write: -o OUTPUT (or --dry-run to print the recipe the flags "
+                              "stand for).")
 
     evaluator = None
     if evaluator_name is not None:
@@ -493,19 +510,24 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
     if not 0.0 < max_group_ratio <= 1.0:
         raise GraphpruneError(f"--max-group-ratio must be in (0, 1]: got {max_group_ratio:g}.")
     _check_at_least("--round-to", round_to, 1)
+    # The one prune-channels step these flags stand for: api.optimize's options, as a recipe gives them.
+    options = {"ratio": DEFAULTS["ratio"] if ratio is None else ratio, "criterion": criterion,
+               "global_rank": global_rank, "allocation": allocation, "target_flops": target_flops,
+               "target_params": target_params, "min_ratio": min_ratio, "round_to": round_to, "exclude": exclude,
+               "max_group_ratio": max_group_ratio, "seed": seed,
+               "units": tuple(u.strip() for u in units.split(",") if u.strip()), "calib": calib,
+               "compensate": compensate, "calib_batches": calib_batches, "calib_batch_size": calib_batch_size,
+               "reconstruct": reconstruct_mode or reconstruct, "protect": protect,
+               "target_speedup": target_speedup, "provider": provider, "threads": threads}
+    if dry_run:
+        check_model_file(model)
+        _print_recipe(flags_recipe(options, parse_shape_overrides(input_shapes) or None, samples))
+        return
     shapes = _check_run_options(model, output, report_path, samples, input_shapes, calib_batch_size,
                                 calib_batches, exclude)
     check_target(deploy_target, fix_shapes, input_shapes, model, output, report_path)
-    result = api.optimize(model, output, ratio=DEFAULTS["ratio"] if ratio is None else ratio,
-                          criterion=criterion, global_rank=global_rank, allocation=allocation,
-                          target_flops=target_flops, target_params=target_params, min_ratio=min_ratio,
-                          round_to=round_to, exclude=exclude, max_group_ratio=max_group_ratio, seed=seed,
-                          units=tuple(u.strip() for u in units.split(",") if u.strip()),
-                          input_shapes=shapes, samples=samples, latency_rounds=LATENCY_ROUNDS if latency else 0,
-                          progress=_step, calib=calib, compensate=compensate, calib_batches=calib_batches,
-                          calib_batch_size=calib_batch_size,
-                          reconstruct=reconstruct_mode or reconstruct, protect=protect,
-                          target_speedup=target_speedup, provider=provider, threads=threads)
+    result = api.optimize(model, output, **options, input_shapes=shapes, samples=samples,
+                          latency_rounds=LATENCY_ROUNDS if latency else 0, progress=_step)
     speed = result.latency
     evaluation = None
     if evaluator is not None:
@@ -820,14 +842,45 @@ def prune_tokens(model: Path, output: Path, keep: tuple[str, ...], cls: bool, in
               help="Write a JSON report here and its HTML page beside it.")
 def run(model: Path, recipe_path: Path, output: Path | None, dry_run: bool, report_path: Path | None) -> None:
     """Run the passes of a recipe on MODEL, verify the result against MODEL once, write OUTPUT."""
+    _run_recipe_file(model, recipe_path, output, dry_run, report_path)
+
+
+def flags_recipe(options: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None, samples: int) -> Any:
+    """The one-step recipe that `optimize`'s pruning flags stand for."""
+    from graphprune.recipe import parse_recipe
+
+    given = {key.replace("_", "-"): list(value) if isinstance(value, tuple) else value
+             for key, value in options.items()}
+    return parse_recipe({"input-shapes": {k: list(v) for k, v in shapes.items()} if shapes else None,
+                         "samples": samples, "steps": [{"prune-channels": given}]}, "optimize flags")
+
+
+def _print_recipe(recipe: Any) -> None:
+    emit(recipe.to_dict())
+    if not _MODE.json:
+        click.echo(recipe.to_yaml(), nl=False)
+
+
+def _reject_flags_beside_recipe() -> None:
+    """`optimize --recipe` takes its passes from the file: a pruning flag beside it would be ignored."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    runner = {"model", "output", "recipe_path", "dry_run", "report_path", "quiet", "json_output"}
+    for param in ctx.command.params:
+        if param.name not in runner and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
+            raise GraphpruneError(f"--recipe takes every pruning option from the recipe file; leave out "
+                                  f"{param.opts[0]} (put it in the recipe's step instead).")
+
+
+def _run_recipe_file(model: Path, recipe_path: Path, output: Path | None, dry_run: bool,
+                     report_path: Path | None) -> None:
     from graphprune.recipe import load_recipe, run_recipe
 
     recipe = load_recipe(recipe_path)
     if dry_run:
         check_model_file(model)
-        emit(recipe.to_dict())
-        if not _MODE.json:
-            click.echo(recipe.to_yaml(), nl=False)
+        _print_recipe(recipe)
         return
     if output is None:
         raise GraphpruneError("give the model to write: -o OUTPUT (or --dry-run to only print the recipe).")

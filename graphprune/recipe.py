@@ -116,7 +116,9 @@ class Recipe:
                 "samples": self.samples, "steps": self.resolved()}
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        """The resolved recipe as a file `graphprune run --recipe` reads back (its source as a comment)."""
+        body = {k: v for k, v in self.to_dict().items() if k != "recipe"}
+        return f"# resolved from {self.source}\n" + yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
 
 
 def _plain(value: Any) -> Any:

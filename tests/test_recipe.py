@@ -147,3 +147,35 @@ def test_cli_passes_lists_every_step_with_options():
     assert set(PASSES_API) == {"drop-layers", "prune-experts", "prune-tokens", "prune-channels", "prune-heads",
                                "refit", "quantize"}
     assert "target-flops" in result.stdout and "experts-keep" in result.stdout and "<required>" in result.stdout
+
+
+# ---------- optimize's flags are shorthand for a one-step recipe ----------
+
+
+def test_optimize_dry_run_prints_the_recipe_its_flags_stand_for(model, tmp_path):
+    flags = ("--ratio", 0.4, "--criterion", "l1", "--round-to", 1, "--exclude", "nomatch*")
+    printed = invoke("optimize", model, *flags, "--dry-run")
+    assert printed.exit_code == 0, printed.output
+    recipe_file = write(tmp_path, printed.stdout, "flags.yaml")
+    step = load_recipe(recipe_file).steps[0]
+    assert step.name == "prune-channels" and step.options["ratio"] == 0.4 and step.options["criterion"] == "l1"
+    via_recipe = invoke("run", model, "--recipe", recipe_file, "-o", tmp_path / "a.onnx", "-q")
+    via_flags = invoke("optimize", model, *flags, "-o", tmp_path / "b.onnx", "-q", "--no-latency")
+    assert via_recipe.exit_code == 0 and via_flags.exit_code == 0, via_recipe.output + via_flags.output
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_optimize_recipe_runs_the_file_and_refuses_pruning_flags(model, tmp_path):
+    recipe_file = write(tmp_path, "steps:\n  - prune-channels: {ratio: 0.5, round-to: 1}\n")
+    done = invoke("optimize", model, "--recipe", recipe_file, "-o", tmp_path / "a.onnx", "-q")
+    assert done.exit_code == 0, done.output
+    same = invoke("run", model, "--recipe", recipe_file, "-o", tmp_path / "b.onnx", "-q")
+    assert same.exit_code == 0 and (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    mixed = invoke("optimize", model, "--recipe", recipe_file, "--ratio", 0.2, "-o", tmp_path / "c.onnx")
+    assert mixed.exit_code == 2 and "leave out --ratio" in mixed.stderr
+    assert not (tmp_path / "c.onnx").exists()
+
+
+def test_optimize_needs_an_output_unless_dry_run(model):
+    result = invoke("optimize", model, "--ratio", 0.3)
+    assert result.exit_code == 2 and "-o OUTPUT" in result.stderr
