@@ -429,6 +429,9 @@ def analyze(model: Path, as_json: bool) -> None:
               help="Write a JSON report here and its HTML page beside it.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time dense vs pruned with ONNX Runtime on CPU.")
+@click.option("--bench", "bench_providers", metavar="PROVIDERS", default=None,
+              help="After writing, time dense vs pruned as `graphprune bench` does on these providers "
+                   "(e.g. cpu,cuda) and put the numbers in the report.")
 @click.option("--calib", metavar="SPEC",
               help="Calibration data: an .npz (arrays keyed by input name) or .npy file, a folder of them, "
                    "or a named set (photos). Read by wanda-sp, flap, act-norm and --compensate.")
@@ -463,7 +466,7 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
              compensate: bool | None, reconstruct: bool, reconstruct_mode: str | None,
              calib_batches: int | None, calib_batch_size: int,
              evaluator_name: str | None, deploy_target: str | None, fix_shapes: bool,
-             recipe_path: Path | None, dry_run: bool) -> None:
+             recipe_path: Path | None, dry_run: bool, bench_providers: str | None) -> None:
     """Prune MODEL, verify it against the original, write OUTPUT.
 
     The pruning flags are shorthand for a one-step recipe (`--dry-run` prints it); `--recipe` runs a
@@ -526,6 +529,7 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
     shapes = _check_run_options(model, output, report_path, samples, input_shapes, calib_batch_size,
                                 calib_batches, exclude)
     check_target(deploy_target, fix_shapes, input_shapes, model, output, report_path)
+    provider_names = _bench_providers(bench_providers)
     result = api.optimize(model, output, **options, input_shapes=shapes, samples=samples,
                           latency_rounds=LATENCY_ROUNDS if latency else 0, progress=_step)
     speed = result.latency
@@ -534,8 +538,15 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
         with _step(f"Evaluating dense and pruned ({evaluator.name})"):
             evaluation = evaluator.compare(model, output)
     mobile = export_for_target(deploy_target, output, shapes, fix_shapes) if deploy_target else None
+    timing = None
+    if provider_names:
+        from graphprune.bench import bench
+
+        with _step(f"Timing dense and pruned on {', '.join(provider_names)}"):
+            timing = bench([model, output], provider_names, overrides=shapes, rounds=LATENCY_ROUNDS, seed=seed)
     emit({**result.to_dict(), "output": str(output), "evaluation": evaluation,
-          **({"mobile_export": mobile.to_dict()} if mobile else {})}, report_path)
+          **({"mobile_export": mobile.to_dict()} if mobile else {}),
+          **({"bench": timing} if timing else {})}, report_path)
     _print_result(result, speed, output, report_path)
     if result.allocation is not None:
         _print_allocation(result.allocation)
@@ -547,6 +558,8 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
         _stdout().print(evaluation_table(evaluation))
     if mobile is not None:
         print_ort_export(mobile, output.with_suffix(".ort"))
+    if timing is not None:
+        print_bench(timing, True)
 
 
 def evaluation_table(evaluation: dict[str, Any]) -> Table:
@@ -869,8 +882,8 @@ def _reject_flags_beside_recipe() -> None:
     runner = {"model", "output", "recipe_path", "dry_run", "report_path", "quiet", "json_output"}
     for param in ctx.command.params:
         if param.name not in runner and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
-            raise GraphpruneError(f"--recipe takes every pruning option from the recipe file; leave out "
-                                  f"{param.opts[0]} (put it in the recipe's step instead).")
+            raise GraphpruneError(f"--recipe takes every option from the recipe file; leave out "
+                                  f"{param.opts[0]} (beside --recipe only -o, --report, --json and --quiet apply).")
 
 
 def _run_recipe_file(model: Path, recipe_path: Path, output: Path | None, dry_run: bool,
@@ -975,6 +988,22 @@ def bench_command(model: Path, other: Path | None, providers: str, batch: int | 
         return
     with _step(f"Timing {len(paths)} model(s) on {', '.join(names)}"):
         result = bench(paths, names, batch, seq, overrides, rounds, warmup, threads, seed)
+    print_bench(result, other is not None)
+
+
+def _bench_providers(names: str | None) -> list[str]:
+    """--bench's providers, checked before any work (a provider not installed is an error now)."""
+    if names is None:
+        return []
+    from graphprune.bench import check_available, parse_providers
+
+    parsed = parse_providers(names)
+    check_available(parsed)
+    return parsed
+
+
+def print_bench(result: dict[str, Any], compared: bool) -> None:
+    """The tables of graphprune.bench.bench's result, one per provider."""
     out = _stdout()
     for entry in result["providers"]:
         table = Table(title=f"{entry['provider']} ({entry['execution_provider']}), batch {result['batch']}, "
@@ -985,11 +1014,11 @@ def bench_command(model: Path, other: Path | None, providers: str, batch: int | 
         for row, speedup in zip(entry["models"], speedups, strict=True):
             table.add_row(row["model"], f"{row['median_ms']:.3f}", f"{row['p10_ms']:.3f}", f"{row['p90_ms']:.3f}",
                           f"{row['min_ms']:.3f}", f"{row['throughput']:.1f}",
-                          "1.00x" if speedup is None and other is not None else
+                          "1.00x" if speedup is None and compared else
                           (f"{speedup:.2f}x" if speedup is not None else "-"))
         out.print(table)
     shapes = "; ".join(f"{k}={'x'.join(map(str, v))}" for k, v in next(iter(result["inputs"].values())).items())
-    out.print(f"Inputs: {shapes}" + (". Speedup = MODEL median / OTHER median, same run." if other else "."))
+    out.print(f"Inputs: {shapes}" + (". Speedup = MODEL median / OTHER median, same run." if compared else "."))
 
 
 from graphprune import (

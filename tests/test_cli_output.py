@@ -107,3 +107,21 @@ def test_calibration_batches_are_counted(resnet, calib):
     assert any("activation statistics" in s for s in progress.steps)
     assert progress.counts and max(progress.counts) >= 3  # 12 samples in batches of 4, per pass
     assert all(c >= 1 for c in progress.counts)
+
+
+def test_optimize_bench_puts_the_bench_numbers_in_the_report(resnet, tmp_path):
+    report = tmp_path / "r.json"
+    result = invoke("optimize", resnet, "-o", tmp_path / "p.onnx", "--ratio", 0.3, "--round-to", 1, "--no-latency",
+                    "--bench", "cpu", "--report", report)
+    assert result.exit_code == 0, result.output
+    timing = json.loads(report.read_text())["bench"]
+    (entry,) = timing["providers"]
+    assert entry["provider"] == "cpu" and len(entry["models"]) == 2 and len(entry["speedup"]) == 1
+    assert all(row["median_ms"] > 0 for row in entry["models"])
+    assert "speedup" in result.stdout
+
+
+def test_optimize_bench_with_a_missing_provider_fails_before_any_work(resnet, tmp_path):
+    result = invoke("optimize", resnet, "-o", tmp_path / "p.onnx", "--ratio", 0.3, "--bench", "cuda")
+    assert result.exit_code == 2 and "graphprune[gpu]" in result.stderr
+    assert not (tmp_path / "p.onnx").exists()
