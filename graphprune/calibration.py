@@ -74,13 +74,39 @@ def _photos(part: str) -> Callable[..., Iterator[Feeds]]:
     return batches
 
 
-def image_layout(name: str, shape: Sequence | None) -> tuple[bool, tuple[int, int]]:
+def _imagenet_samples(input_names: Sequence[str], batch_size: int,
+                      shapes: Mapping[str, Sequence] | None = None) -> Iterator[Feeds]:
+    """foolbox's 20 labelled ImageNet photos (models.real.imagenet_samples), center crops, ImageNet-normalised,
+    in the model input's layout and size as for the photo sets.
+
+    Evaluation data: the ``mobilenet_v2_imagenet`` evaluator scores these 20 images, so a model calibrated
+    on them and scored there is scored on its own calibration data. Named here so that other tools can
+    feed them (e.g. to check a model's outputs); calibrate on ``photos-calib``.
+    """
+    if len(input_names) != 1:
+        raise GraphpruneError(f"the 'imagenet-samples' set feeds a single image input; the model has "
+                              f"{len(input_names)} inputs ({', '.join(input_names)}).")
+    name = input_names[0]
+    channels_last, size = image_layout(name, (shapes or {}).get(name), "imagenet-samples")
+    from graphprune.models.real import imagenet_samples_batch
+
+    try:
+        images, _labels = imagenet_samples_batch(size)
+    except ImportError as exc:  # scikit-image is a dev dependency
+        raise GraphpruneError(f"the 'imagenet-samples' set needs scikit-image ({exc}).") from exc
+    if channels_last:
+        images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+    for start in range(0, len(images), batch_size):
+        yield {name: images[start : start + batch_size]}
+
+
+def image_layout(name: str, shape: Sequence | None, dataset: str = "photos") -> tuple[bool, tuple[int, int]]:
     """(channels last?, (height, width)) of an image input from its declared shape (None: unknown)."""
     if shape is None:
         return False, (224, 224)
     dims = list(shape)
     if len(dims) != 4:
-        raise GraphpruneError(f"the 'photos' calibration set feeds images of rank 4; input '{name}' has rank "
+        raise GraphpruneError(f"the '{dataset}' calibration set feeds images of rank 4; input '{name}' has rank "
                               f"{len(dims)}: give --calib an .npz of its own data instead.")
     channels_last = dims[1] != 3 and dims[3] == 3
     spatial = dims[1:3] if channels_last else dims[2:4]
@@ -103,6 +129,7 @@ DATASETS: dict[str, Callable[[Sequence[str], int], Iterator[Feeds]]] = {
     "photos": _photos("all"),
     "photos-calib": _photos("calib"),
     "photos-eval": _photos("eval"),
+    "imagenet-samples": _imagenet_samples,  # evaluation only: see _imagenet_samples
 }
 
 

