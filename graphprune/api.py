@@ -420,6 +420,118 @@ def drop_layers(
                             settings, scoring)
 
 
+# ---------- sparsify-activations (passes/sparsify_activations.py) ----------
+
+
+@dataclass
+class SparsifyActivationsResult:
+    model: ir.Model
+    layers: list[Any]  # passes.sparsify_activations.LayerChoice, one per MLP, in graph order
+    declined: list[dict]  # MLP candidates left dense, with the reason
+    before: ModelStats
+    after: ModelStats  # macs: as counted, plus the SparseMLP nodes' expected MACs (see ``macs``)
+    verification: VerifyReport | None  # random inputs, against the dense model
+    latency: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    data: str = ""  # what the thresholds were calibrated on
+    calibration_fidelity: VerifyReport | None = None  # outputs vs dense on the calibration batches
+    macs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **_outcome(self),
+            "layers": [c.to_dict() for c in self.layers],
+            "declined": self.declined,
+            "data": self.data,
+            "calibration_fidelity": self.calibration_fidelity.to_dict() if self.calibration_fidelity else None,
+            "macs": self.macs,
+        }
+
+
+def sparsify_activations(
+    model: ModelInput,
+    output: str | os.PathLike | None = None,
+    *,
+    sparsity: float,
+    where: str = "auto",
+    wina: bool = False,
+    mode: str = "threshold",
+    calib: str | os.PathLike | None = None,
+    calib_batches: int | None = None,
+    calib_batch_size: int = 8,
+    check: bool = True,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    samples: int = 4,
+    seed: int = 0,
+    external_data: bool | None = None,
+    latency_rounds: int = 0,
+    progress: Progress | None = None,
+) -> SparsifyActivationsResult:
+    """Replace every MLP block by a SparseMLP node (TEAL/WINA activation sparsity), verify, save atomically.
+
+    ``sparsity``: the share of activation entries to drop, in [0, 1]. ``where``: "input" (before the up
+    and gate projections), "hidden" (before the down projection), "both", or "auto" (both for a plain
+    ReLU MLP, hidden otherwise). ``wina``: score |v| times the norm of the weight row it multiplies.
+    ``mode``: "threshold" (per-layer thresholds calibrated on ``calib``, or on ``samples`` random input
+    sets without it: ``data`` says which) or "topk" (each row keeps its top (1 - sparsity) share).
+    Fidelity: ``verification`` on random inputs as every pass; ``calibration_fidelity`` on the calibration
+    batches. The outputs differ from the dense model's by design: they are reported, not checked.
+    See passes/sparsify_activations.py.
+    """
+    from graphprune.blocks import node_macs
+    from graphprune.passes.sparsify_activations import (
+        SparsifyActivationsConfig,
+        SparsifyActivationsPass,
+        check_options,
+    )
+
+    check_options(sparsity, where, mode)
+    if calib_batches is not None and calib_batches < 1:
+        raise GraphpruneError(f"--calib-batches must be 1 or more: got {calib_batches}.")
+    _check_output(model, output)
+    step = progress or (lambda _: nullcontext())
+    with step("Loading"):
+        loaded, label, original, before = _load_counted(model, input_shapes)
+        dense_macs = node_macs(ir.to_proto(loaded), input_shapes)
+    config = SparsifyActivationsConfig(sparsity=sparsity, where=where, wina=wina, mode=mode,
+                                       max_batches=calib_batches, input_shapes=input_shapes, samples=samples,
+                                       seed=seed, progress=_counter(progress))
+    if calib is not None:
+        config.calibration = _calibration_set(loaded, calib, calib_batch_size, calib_batches, input_shapes)
+    sparsifying = SparsifyActivationsPass(config)
+    with step("Calibrating thresholds, inserting SparseMLP nodes, measuring sparsity"):
+        sparsifying(loaded)
+    report, after, speed = _write_checked(
+        loaded, original, output, step, external_data=external_data,
+        check=(lambda staged: verify(original, staged, overrides=input_shapes, samples=samples)) if check else None,
+        input_shapes=input_shapes, seed=seed, latency_rounds=latency_rounds)
+    macs = _sparse_mlp_macs(sparsifying.report.layers, dense_macs)
+    after.macs += macs["expected_mlp"]
+    settings = {"model": label, "sparsity": sparsity, "where": where, "wina": wina, "mode": mode, "seed": seed,
+                "calib": None if calib is None else os.fspath(calib), "calib_batches": calib_batches,
+                "calib_batch_size": calib_batch_size}
+    return SparsifyActivationsResult(loaded, sparsifying.report.layers,
+                                     [d.to_dict() for d in sparsifying.report.declined], before, after, report,
+                                     speed, settings, sparsifying.report.data,
+                                     sparsifying.report.calibration_fidelity, macs)
+
+
+def _sparse_mlp_macs(layers: list[Any], dense: dict[str, int]) -> dict[str, Any]:
+    """The MLPs' dense MACs and their expected MACs at the sparsity measured on the calibration data
+    (graphprune.metrics does not count SparseMLP nodes, so these are added to the model's count)."""
+    total = expected = 0.0
+    for layer in layers:
+        kept = {side.side: 1.0 - side.measured for side in layer.sides}
+        for role, side in (("up", "input"), ("gate", "input"), ("down", "hidden")):
+            node = layer.mlp.get(role)
+            if node:
+                total += dense.get(node, 0)
+                expected += dense.get(node, 0) * kept.get(side, 1.0)
+    return {"dense_mlp": int(total), "expected_mlp": round(expected),
+            "basis": "MLP MACs times the kept share measured on the calibration data per layer and side; the "
+                     "standard-ops body multiplies the rows any batch row keeps, so at batch > 1 it does more"}
+
+
 # ---------- prune-experts (passes/prune_experts.py) ----------
 
 

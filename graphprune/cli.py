@@ -1024,4 +1024,5 @@ def print_bench(result: dict[str, Any], compared: bool) -> None:
 from graphprune import (
     cli_deploy,  # noqa: F401  (registers its commands)
     cli_report,  # noqa: F401  (registers its commands)
+    cli_sparsify,  # noqa: F401  (registers its commands)
 )

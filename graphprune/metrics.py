@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.inliner  # not loaded by `import onnx`; model_stats inlines local functions
 from onnx import TensorProto
 
 from graphprune.errors import GraphpruneError

@@ -74,6 +74,8 @@ PASSES_API: dict[str, StepSpec] = {spec.name: spec for spec in (
     StepSpec("drop-layers", api.drop_layers, "remove whole residual sub-blocks (FinerCut)"),
     StepSpec("prune-experts", api.prune_experts, "remove whole experts of every MoE layer"),
     StepSpec("prune-tokens", api.prune_tokens, "keep the top tokens by attention after chosen layers (ViT)"),
+    StepSpec("sparsify-activations", api.sparsify_activations,
+             "TEAL/WINA activation sparsity: MLP blocks become SparseMLP nodes with calibrated thresholds"),
     StepSpec("refit", api.refit, "least-squares refit of linear layers towards the recipe's original model"),
     StepSpec("quantize", deploy.quantize, "int8 through ONNX Runtime: dynamic, or static QDQ on `calib` (mode: qdq)"),
 )}

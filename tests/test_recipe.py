@@ -145,7 +145,7 @@ def test_cli_passes_lists_every_step_with_options():
     for name in ("drop-layers", "prune-experts", "prune-tokens", "prune-channels", "prune-heads", "refit"):
         assert f"{name}:" in result.stdout
     assert set(PASSES_API) == {"drop-layers", "prune-experts", "prune-tokens", "prune-channels", "prune-heads",
-                               "refit", "quantize"}
+                               "refit", "quantize", "sparsify-activations"}
     assert "target-flops" in result.stdout and "experts-keep" in result.stdout and "<required>" in result.stdout
 
 
