@@ -173,3 +173,7 @@ PASSES["prune-experts"] = PruneExpertsPass
 from graphprune.passes.prune_tokens import PruneTokensPass
 
 PASSES["prune-tokens"] = PruneTokensPass
+
+from graphprune.passes.sparsify_activations import SparsifyActivationsPass
+
+PASSES["sparsify-activations"] = SparsifyActivationsPass
