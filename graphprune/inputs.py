@@ -164,6 +164,16 @@ def make_inputs(
     return {spec.name: _fill(spec, shapes[spec.name], rng) for spec in specs}
 
 
+def random_feeds(model: ModelLike, count: int, overrides: Mapping[str, tuple[int, ...]] | None,
+                 seed: int) -> tuple[list[dict[str, np.ndarray]], str]:
+    """``count`` random input sets (seeds ``seed``, ``seed + 1``, ...) for passes that measure the model
+    without calibration data, and a description of them for the user."""
+    count = max(count, 1)
+    feeds = [make_inputs(model, overrides=overrides, seed=seed + k) for k in range(count)]
+    return feeds, (f"random inputs, no calibration data: {count} set(s) of standard normal floats, token ids "
+                   "below 100 and all-ones masks")
+
+
 def _fill(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     dtype, name = spec.dtype, spec.name.lower()
     if dtype == np.bool_:

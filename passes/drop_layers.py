@@ -13,7 +13,7 @@ Cost: one ONNX Runtime session for all scoring. Each block's branch output ``b``
 scalar gate input (``Add(x, b)`` becomes ``Add(x, Mul(b, g_i))``): gate 1 keeps the block, 0 bypasses
 it, so a candidate is one run per batch with its gate at 0, never a new model.
 
-Without calibration data, blocks are scored on random inputs (graphprune.inputs.make_inputs: standard
+Without calibration data, blocks are scored on random inputs (graphprune.inputs.random_feeds: standard
 normal floats, random token ids below 100, all-ones masks); the report says so.
 
 Rewrite: the Add's output is replaced by x everywhere (an Identity of x where it is a graph output), then
@@ -32,7 +32,7 @@ import onnx_ir as ir
 from graphprune.blocks import ResidualBlock, find_residual_blocks, node_macs
 from graphprune.calibration import _fixed_batch, _split
 from graphprune.errors import GraphpruneError
-from graphprune.inputs import make_inputs
+from graphprune.inputs import random_feeds
 from graphprune.rewrite import cleanup
 from graphprune.runtime import first_line, make_session
 
@@ -174,12 +174,9 @@ def _scoring_batches(model: ir.Model, config: DropLayersConfig) -> tuple[list[di
             raise GraphpruneError("the calibration data holds no samples to score the blocks on.")
         samples = sum(max((a.shape[0] for a in b.values() if np.ndim(a)), default=1) for b in batches)
         return batches, f"calibration data: {len(batches)} batch(es), {samples} sample(s)"
-    proto = ir.to_proto(model)
-    count = max(config.samples, 1)
-    batches = [make_inputs(proto, overrides=config.input_shapes, seed=config.seed + SCORING_SEED_OFFSET + k)
-               for k in range(count)]
-    return batches, (f"random inputs, no calibration data: {count} set(s) of standard normal floats, token ids "
-                     "below 100 and all-ones masks; give --calib for scores on real data")
+    batches, described = random_feeds(ir.to_proto(model), config.samples, config.input_shapes,
+                                      config.seed + SCORING_SEED_OFFSET)
+    return batches, described + "; give --calib for scores on real data"
 
 
 class GateScorer:

@@ -38,7 +38,7 @@ import onnx_ir as ir
 
 from graphprune.calibration import _run_with_outputs
 from graphprune.errors import GraphpruneError
-from graphprune.inputs import make_inputs
+from graphprune.inputs import random_feeds
 from graphprune.passes.mlp_patterns import MLP, Declined, find_mlps
 from graphprune.rewrite import cleanup
 from graphprune.runtime_ops.sparse_mlp import (
@@ -314,12 +314,9 @@ def _batches(model: ir.Model, config: SparsifyActivationsConfig) -> tuple[Iterab
         if not count:
             raise GraphpruneError("the calibration data holds no samples to calibrate the thresholds on.")
         return Limited(), f"calibration data: {count} batch(es)"
-    proto = ir.to_proto(model)
-    count = max(config.samples, 1)
-    batches = [make_inputs(proto, overrides=config.input_shapes, seed=config.seed + SAMPLING_SEED_OFFSET + k)
-               for k in range(count)]
-    return batches, (f"random inputs, no calibration data: {count} set(s) of standard normal floats, token ids "
-                     "below 100 and all-ones masks; give --calib for thresholds fitted to real data")
+    batches, described = random_feeds(ir.to_proto(model), config.samples, config.input_shapes,
+                                      config.seed + SAMPLING_SEED_OFFSET)
+    return batches, described + "; give --calib for thresholds fitted to real data"
 
 
 def _sides(mlp: MLP, where: str) -> tuple[str, ...]:
