@@ -395,7 +395,8 @@ def analyze(model: Path, as_json: bool) -> None:
 @click.option("--provider", default=DEFAULTS["provider"], show_default=True,
               help="With --target-speedup: the ONNX Runtime execution provider to time on (as for `bench`).")
 @click.option("--threads", type=int, default=None,
-              help="With --target-speedup: ONNX Runtime intra-op threads when timing. [default: ORT's own]")
+              help="With --target-speedup: ONNX Runtime intra-op threads when timing; 1 on cpu reads the "
+                   "thread's CPU time, which other processes do not disturb. [default: ORT's own]")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None,
               help="How removal is spread over groups: uniform (same share each), global (ranked together "
                    "on standardised scores, by importance per cost under a target), sensitivity (global, "

@@ -1,6 +1,7 @@
 """Latency-aware planning (--target-speedup): table, greedy order, whole-model checks, errors.
 
-Timing is faked (a deterministic cost model of the ONNX graph), so no test depends on timing noise.
+Timing is faked (a deterministic cost model of the ONNX graph), so no test depends on timing noise;
+one real-clock test checks only that a several-fold difference in work shows.
 """
 
 import json
@@ -110,15 +111,16 @@ def test_candidate_widths_follow_the_provider_multiple():
     assert latency_plan.provider_multiples("cpu") == (16, 4)
 
 
-def _assert_stopped_at_target(search, speedup, tolerance=0.05):
-    """Reached; every shorter plan checked fell short; and the plan is one step past one that did, or
-    within the tolerance above the target."""
-    assert search.reached and search.measured >= speedup
+def _assert_stopped_at_target(search, speedup, margin=0.02, tolerance=0.05):
+    """Reached with the margin; every shorter plan checked fell short of it; and the plan is one step
+    past one that did, or within the tolerance above the margin."""
+    goal = speedup * (1 + margin)
+    assert search.reached and search.measured >= goal
     by_steps = {c["steps"]: c["measured_speedup"] for c in search.checks}
     assert by_steps[search.steps] == search.measured
-    assert all(m < speedup for k, m in by_steps.items() if k < search.steps)
-    assert by_steps.get(search.steps - 1, 0.0) < speedup
-    assert search.steps - 1 in by_steps or search.measured <= speedup * (1 + tolerance)
+    assert all(m < goal for k, m in by_steps.items() if k < search.steps)
+    assert by_steps.get(search.steps - 1, 0.0) < goal
+    assert search.steps - 1 in by_steps or search.measured <= goal * (1 + tolerance)
 
 
 @pytest.mark.parametrize("speedup", [1.3, 1.8, 2.5])
@@ -146,6 +148,7 @@ def _run_with(proto, speedup, timer, **target):
     pruning = SpeedupPass(PruneChannelsConfig(), SpeedupTarget(speedup, timer=timer, input_shapes={"x": (2, 3, 8, 8)},
                                                                **target))
     pruning(model)
+    pruning.search.model = ir.to_proto(model)
     return pruning.search
 
 
@@ -166,6 +169,28 @@ def test_shortfall_is_corrected_by_the_measured_ratio(cnn):
     assert checks[0]["measured_speedup"] < 2.0
     assert checks[1]["steps"] > checks[0]["steps"] + 1
     _assert_stopped_at_target(search, 2.0)
+
+
+def test_a_lucky_check_is_not_trusted(cnn):
+    # Every pruned plan measures 30% faster than it is the first time it is timed (a quiet moment on a
+    # shared machine); the confirming check sees its real speed, and the search goes on from there.
+    seen = set()
+
+    def timer(models, feeds, rounds):
+        ms = [fake_ms(m) for m in models]
+        if len(models) == 2:
+            key = onnx.load(models[1]).SerializeToString() if not isinstance(models[1], onnx.ModelProto) else b""
+            if key not in seen:
+                seen.add(key)
+                ms[1] *= 0.7
+        return [[v] * rounds for v in ms]
+
+    search = _run_with(cnn, 1.8, timer)
+    assert any(c["confirmation"] for c in search.checks)
+    assert search.reached and search.measured >= 1.8 * 1.02
+    written = [c for c in search.checks if c["steps"] == search.steps]
+    assert len(written) == 2 and written[1]["confirmation"]
+    assert search.measured == pytest.approx(fake_ms(cnn) / fake_ms(search.model))  # the real one
 
 
 def test_table_is_measured_against_dense(cnn):
@@ -254,6 +279,9 @@ def test_order_puts_steps_the_table_gives_nothing_for_last():
     assert [(i, j) for i, j, _ in order] == [(0, 1), (1, 1), (0, 2)]
     assert [key for _, _, key in order] == [pytest.approx(0.5), pytest.approx(2.0), math.inf]
     assert [g.at for g in groups] == [0, 0]  # left as found
+    # A jump (56 saves nothing, 48 much) is spelt out one width at a time, with the jump's key.
+    jump = _groups([([64, 56, 48], [0.0, 0.0, 2.0], [0.0, 1.0, 2.0])])
+    assert greedy_order(jump) == [(0, 1, pytest.approx(1.0)), (0, 2, pytest.approx(1.0))]
 
 
 def test_pruned_model_equals_masking(cnn):
@@ -316,6 +344,7 @@ def test_cli_prints_requested_and_measured(tmp_path, faked):
     (["--allocation", "global"], "leave out --allocation"),
     (["--provider", "nonsense"], "unknown provider 'nonsense'"),
     (["--calib", "photos", "--reconstruct"], "does not combine with --reconstruct"),
+    (["--threads", "0"], "--threads must be 1 or more"),
 ])
 def test_cli_exclusive_options_one_line(tmp_path, extra, message):
     src = tmp_path / "cnn.onnx"

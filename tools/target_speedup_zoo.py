@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphprune import api
+from graphprune.analysis.groups import DEFAULT_KINDS
 from graphprune.bench import bench
 from graphprune.inputs import make_inputs
 from graphprune.latency_plan import ort_timer
@@ -70,13 +71,13 @@ def machine(provider: str, threads: int | None) -> str:
 
 
 def run_model(name: str, speedup: float, provider: str, batch: int, threads: int | None, rounds: int,
-              repeats: int, folder: Path) -> dict[str, Any]:
+              repeats: int, folder: Path, units: tuple[str, ...]) -> dict[str, Any]:
     path = zoo.export(name)
     shapes = {"input": (batch, *zoo.ZOO[name].input_shape[1:])}
     out = folder / f"{name}-x{speedup:g}.onnx"
     started = time.perf_counter()
     result = api.optimize(path, out, target_speedup=speedup, provider=provider, threads=threads,
-                          input_shapes=shapes)
+                          input_shapes=shapes, units=units)
     seconds = time.perf_counter() - started
     record = result.settings["latency_plan"]
     speedups, paired = [], []
@@ -148,12 +149,14 @@ def notes(results: list[dict[str, Any]]) -> list[str]:
               help="Batch of the timed inputs (the zoo's spatial sizes are fixed by the export).")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="ONNX Runtime intra-op threads, for planning and re-measuring (0: ORT's default).")
+@click.option("--units", default=",".join(DEFAULT_KINDS), show_default=True,
+              help="Unit kinds to remove, as for `optimize --units`.")
 @click.option("--rounds", type=int, default=300, show_default=True, help="Rounds of each re-measurement.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Independent re-measurements.")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), help="Write the table here.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure here.")
-def main(models: str, speedup: float, provider: str, batch: int, threads: int, rounds: int, repeats: int,
-         markdown_path: Path | None, json_path: Path | None) -> None:
+def main(models: str, speedup: float, provider: str, batch: int, threads: int, units: str, rounds: int,
+         repeats: int, markdown_path: Path | None, json_path: Path | None) -> None:
     names = [m.strip() for m in models.split(",") if m.strip()]
     threads_used = threads or None
     header = machine(provider, threads_used) + f"; load average {load_average()} at start"
@@ -161,13 +164,14 @@ def main(models: str, speedup: float, provider: str, batch: int, threads: int, r
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="target-speedup-") as folder:
         for name in names:
-            results.append(run_model(name, speedup, provider, batch, threads_used, rounds, repeats, Path(folder)))
+            results.append(run_model(name, speedup, provider, batch, threads_used, rounds, repeats, Path(folder),
+                                     tuple(u.strip() for u in units.split(",") if u.strip())))
             r = results[-1]
             Console(stderr=True).print(f"{name}: planned {r['planned']:.2f}x, re-measured {r['remeasured']:.2f}x "
                                        f"({r['plan_seconds']:.0f} s); load {load_average()}")
     header += (f", {load_average()} at end; {time.perf_counter() - started:.0f} s in all. Command: "
                f"`tools/target_speedup_zoo.py --speedup {speedup:g} --provider {provider} --batch {batch} "
-               f"--threads {threads} --rounds {rounds} --repeats {repeats}`")
+               f"--threads {threads} --units {units} --rounds {rounds} --repeats {repeats}`")
     table = Table(title=f"--target-speedup {speedup:g} on the zoo ({provider}, batch {batch})")
     for column in HEADERS:
         table.add_column(column, justify="left" if column in ("model", "input", "reached in plan") else "right")
