@@ -102,7 +102,9 @@ def test_pruning_never_holds_the_sliced_weights_in_memory(decoder, tmp_path):
         tracemalloc.stop()
     sliced = sum(t.nbytes for name, t in big_initializers(result.model).items() if t.shape != dense[name])
     assert sliced > 0.5 * total
-    assert peak < 0.4 * sliced, f"peak {peak / 1e6:.1f} MB allocated while slicing {sliced / 1e6:.1f} MB of weights"
+    # Holding every sliced weight at once (the old code) peaks at 1x or more; one at a time measured
+    # 0.33-0.40x here, the rest being the IR's own bookkeeping, which varies from run to run.
+    assert peak < 0.6 * sliced, f"peak {peak / 1e6:.1f} MB allocated while slicing {sliced / 1e6:.1f} MB of weights"
 
 
 def test_light_proto_reads_no_big_weight(decoder):
