@@ -52,14 +52,12 @@ from graphprune.allocation import CostModel
 from graphprune.analysis import build_dim_graph
 from graphprune.analysis.groups import find_groups
 from graphprune.bench import PROVIDERS, check_available, parse_providers
-from graphprune.calibration import collect_stats
 from graphprune.compensate import compensate_bias
-from graphprune.criteria import ACTIVATION_CRITERIA, GRAM_CRITERIA, score_group, stats_requests
+from graphprune.criteria import score_group
 from graphprune.errors import GraphpruneError, VerificationError
 from graphprune.inputs import make_inputs
 from graphprune.io import write_model
 from graphprune.latency import _feeds_for, compare_latency
-from graphprune.obs import collect_obs_blocks
 from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass, reconstruct_mode
 from graphprune.plan import GroupDecision, make_plan
 from graphprune.report import summarise_groups
@@ -296,12 +294,7 @@ class SpeedupPass(PruneChannelsPass):
         g = build_dim_graph(model)
         self.groups = find_groups(g)
         self.declined = g.declined
-        calibration = getattr(config, "calibration", None)
-        pruned = [gr for gr in self.groups if gr.prunable and gr.kind in config.kinds]
-        if calibration is not None and (config.criterion in ACTIVATION_CRITERIA or config.compensate):
-            self.stats = collect_stats(model, stats_requests(g, pruned), calibration, progress=config.progress)
-        if calibration is not None and config.criterion in GRAM_CRITERIA:
-            self.grams = collect_obs_blocks(model, g, pruned, calibration, progress=config.progress)
+        self.collect_calibration(model, g)
         # make_plan at ratio 0 decides which groups are candidates (exclude, protect, kinds) and scores
         # nothing away; the scores are recomputed in its order with the same seed, so they are its own.
         probe = replace(config, ratio=0.0, target_flops=None, target_params=None, allocation="uniform",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from graphprune.analysis import build_dim_graph
+from graphprune.analysis.graph import DimGraph
 from graphprune.analysis.groups import Group, find_groups
 from graphprune.calibration import collect_stats
 from graphprune.compensate import CompensationReport, compensate_bias
@@ -82,6 +83,20 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         self.sensitivity: dict[int, float] | None = None  # group root -> measured output change
         self.reconstruction: ReconstructionReport | None = None
 
+    def collect_calibration(self, model: ir.Model, g: DimGraph) -> None:
+        """The calibration statistics the criterion and compensation read (``self.stats``) and the Gram
+        blocks of the obs criterion (``self.grams``), for the groups of the pruned kinds."""
+        config = self.config
+        calibration = getattr(config, "calibration", None)
+        if calibration is None:
+            return
+        pruned = [gr for gr in self.groups if gr.prunable and gr.kind in config.kinds]
+        progress = getattr(config, "progress", None)
+        if config.criterion in ACTIVATION_CRITERIA or getattr(config, "compensate", False):
+            self.stats = collect_stats(model, stats_requests(g, pruned), calibration, progress=progress)
+        if config.criterion in GRAM_CRITERIA:
+            self.grams = collect_obs_blocks(model, g, pruned, calibration, progress=progress)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = build_dim_graph(model)
         self.groups = find_groups(g)
@@ -90,13 +105,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         # A plain PlanConfig works too: no calibration, no compensation.
         calibration = getattr(config, "calibration", None)
         compensate = getattr(config, "compensate", False)
-        pruned = [gr for gr in self.groups if gr.prunable and gr.kind in config.kinds]
-        if calibration is not None and (config.criterion in ACTIVATION_CRITERIA or compensate):
-            self.stats = collect_stats(model, stats_requests(g, pruned), calibration,
-                                       progress=getattr(config, "progress", None))
-        if calibration is not None and config.criterion in GRAM_CRITERIA:
-            self.grams = collect_obs_blocks(model, g, pruned, calibration,
-                                            progress=getattr(config, "progress", None))
+        self.collect_calibration(model, g)
         if getattr(config, "allocation", "uniform") == "sensitivity":
             if calibration is None:
                 raise GraphpruneError("allocation 'sensitivity' measures the output change of each group on "
