@@ -562,9 +562,12 @@ def _fixed_batch(session) -> int | None:
     """The model's fixed batch size: the static leading extent shared by every input that has one, or None.
     One symbolic leading extent means the batch is free (silero's state is [2, batch, 128]: its static 2
     is not a batch size)."""
-    leading = [i.shape[0] for i in session.get_inputs() if i.shape]
-    sizes = set(leading)
-    return leading[0] if len(sizes) == 1 and isinstance(leading[0], int) else None
+    return shared_static_extent([i.shape[0] for i in session.get_inputs() if i.shape])
+
+
+def shared_static_extent(leading: Sequence) -> int | None:
+    """The one leading extent every input has, when it is static; None when they differ or it is symbolic."""
+    return leading[0] if len(set(leading)) == 1 and isinstance(leading[0], int) else None
 
 
 def _split(feeds: Feeds, fixed: int | None) -> Iterator[Feeds]:

@@ -28,7 +28,7 @@ import onnx
 import onnx_ir as ir
 
 from graphprune import api
-from graphprune.calibration import _split
+from graphprune.calibration import _split, shared_static_extent
 from graphprune.calibration import input_shapes as declared_shapes
 from graphprune.errors import GraphpruneError, VerificationError
 from graphprune.inputs import make_inputs
@@ -364,8 +364,7 @@ class _Reader:
 
 def _fixed_batch(model: ir.Model) -> int | None:
     """The static leading extent all inputs share, or None (as calibration._fixed_batch, from the graph)."""
-    leading = [shape[0] for shape in declared_shapes(model).values() if shape]
-    return leading[0] if len(set(leading)) == 1 and isinstance(leading[0], int) else None
+    return shared_static_extent([shape[0] for shape in declared_shapes(model).values() if shape])
 
 
 def _preprocess(source: Path, target: Path, enabled: bool, external: bool) -> tuple[Path, str]:
