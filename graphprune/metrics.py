@@ -42,23 +42,85 @@ _INLINE_LIMIT = 4096
 
 # ---------- parameters ----------
 
+# Integer types that hold quantized weights: an int8 weight is as many parameters as the float one.
+_QUANTIZED_NAMES = ("INT8", "UINT8", "INT16", "UINT16", "INT4", "UINT4", "INT2", "UINT2")
+QUANTIZED_TYPES = frozenset(getattr(TensorProto, n) for n in _QUANTIZED_NAMES if hasattr(TensorProto, n))
+_QUANT_DOMAINS = ("", "ai.onnx", "com.microsoft")
+# The scale and zero-point inputs of the quantization ops (ONNX and ONNX Runtime's contrib ops, positions as
+# in their schemas): bookkeeping of the quantization, not parameters. QLinearConcat: _bookkeeping_positions.
+_BOOKKEEPING: dict[str, frozenset[int]] = {
+    **dict.fromkeys(("QuantizeLinear", "DequantizeLinear"), frozenset({1, 2})),
+    **dict.fromkeys(("ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul"), frozenset({2, 3})),
+    "MatMulIntegerToFloat": frozenset({2, 3, 4, 5}),
+    **dict.fromkeys(("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul"),
+                    frozenset({1, 2, 4, 5, 6, 7})),
+    "QGemm": frozenset({1, 2, 4, 5, 7, 8}),
+    **dict.fromkeys(("QLinearSigmoid", "QLinearLeakyRelu", "QLinearAveragePool", "QLinearGlobalAveragePool",
+                     "QLinearSoftmax", "QLinearReduceMean"), frozenset({1, 2, 3, 4})),
+    "QLinearWhere": frozenset({2, 3, 5, 6, 7, 8}),
+    "QAttention": frozenset({3, 4, 6, 7}),
+    "DynamicQuantizeLSTM": frozenset({8, 9, 10, 11}),
+    # fc1-3 scales, fc1-3 zero points, then global and activation scales; packed 4-bit weights count per byte.
+    "QMoE": frozenset({3, 6, 9, 11, 12, 13, *range(15, 21)}),
+}
+
 
 def count_params(model: ModelLike) -> int:
-    """Elements of float initializers and float Constant tensors, subgraphs included (weights only)."""
+    """Elements of the weights, subgraphs included: initializers and Constant tensors that are floating point,
+    hold quantized integers (int8, ...) or are a quantization op's data (int32 biases), so that quantizing
+    keeps the count (the file size is what falls); not the quantization ops' scales and zero points, nor
+    other integer tensors (shapes, indices)."""
     graph = load_structure(model).graph
-    return sum(count for dtype, count in _weight_tensors(graph) if dtype in FLOAT_TYPES)
+    tensors = list(_weight_tensors(graph))
+    data, bookkeeping = _quantization_inputs(graph, {name for name, _, _ in tensors})
+    return sum(count for name, dtype, count in tensors
+               if (dtype in FLOAT_TYPES or dtype in QUANTIZED_TYPES or name in data)
+               and name not in bookkeeping)
 
 
-def _weight_tensors(graph: onnx.GraphProto) -> Iterator[tuple[int, int]]:
-    """(element type, element count) of every initializer and Constant value."""
+def _bookkeeping_positions(node: onnx.NodeProto) -> frozenset[int] | None:
+    """The inputs of a quantization op that are scales or zero points; None for other ops."""
+    if node.domain not in _QUANT_DOMAINS:
+        return None
+    if node.op_type == "QLinearConcat":  # Y_scale, Y_zero_point, then (X, X_scale, X_zero_point) per input
+        return frozenset(i for i in range(len(node.input)) if i < 2 or (i - 2) % 3)
+    return _BOOKKEEPING.get(node.op_type)
+
+
+def _quantization_inputs(graph: onnx.GraphProto, constants: set[str]) -> tuple[set[str], set[str]]:
+    """Names that quantization ops read as data, and those read only as scales or zero points.
+
+    DynamicQuantizeLinear computes an activation's scale and zero point at run time; ONNX Runtime's dynamic
+    quantizer multiplies a weight's scale into that scale (Mul(x_scale, w_scale)) to rescale the integer
+    product, so a constant in a Mul of run-time scales and constants is bookkeeping as well."""
+    data, bookkeeping, other = set(), set(), set()
+    runtime_scales: set[str] = set()  # DynamicQuantizeLinear's scales, and products of them with constants
+    for g in all_graphs(graph):
+        for node in g.node:
+            positions = _bookkeeping_positions(node)
+            if node.domain in _QUANT_DOMAINS and node.op_type == "DynamicQuantizeLinear":
+                runtime_scales.update(node.output[1:])
+            elif (node.domain in ("", "ai.onnx") and node.op_type == "Mul"
+                  and runtime_scales.intersection(node.input)
+                  and set(node.input) <= runtime_scales | constants):
+                runtime_scales.update(node.output)
+                positions = frozenset(range(len(node.input)))
+            for index, name in enumerate(node.input):
+                if name:
+                    (other if positions is None else bookkeeping if index in positions else data).add(name)
+    return data, bookkeeping - data - other
+
+
+def _weight_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, int, int]]:
+    """(name, element type, element count) of every initializer and Constant value."""
     for g in all_graphs(graph):
         for tensor in g.initializer:
-            yield tensor.data_type, math.prod(tensor.dims)
+            yield tensor.name, tensor.data_type, math.prod(tensor.dims)
         for sparse in g.sparse_initializer:
-            yield sparse.values.data_type, math.prod(sparse.values.dims)
+            yield sparse.values.name, sparse.values.data_type, math.prod(sparse.values.dims)
         for node in g.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                yield from _constant_tensors(node)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+                yield from ((node.output[0], *t) for t in _constant_tensors(node))
 
 
 def _constant_tensors(node: onnx.NodeProto) -> Iterator[tuple[int, int]]:

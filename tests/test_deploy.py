@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphprune import deploy
 from graphprune.cli import main
 from graphprune.errors import GraphpruneError
+from graphprune.metrics import _BOOKKEEPING, count_params
 from graphprune.recipe import PASSES_API, parse_recipe, run_recipe
 
 WEIGHTS = 32 * 3 * 9 + 64 * 32 * 9 + 64 * 64 * 9 + 10 * 64  # conv and fc weight elements of small_cnn
@@ -226,6 +227,61 @@ def test_per_channel_int8_activations_and_excluded_nodes(model, calib, tmp_path)
     activations = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     assert activations and all(scales[n.input[2]].dtype == np.int8 for n in activations)
     assert result.verification.min_cosine > 0.999
+
+
+@pytest.mark.parametrize("mode, per_channel", [("dynamic", False), ("dynamic", True), ("qdq", True)])
+def test_quantizing_keeps_the_parameter_count_and_shrinks_the_file(model, calib, tmp_path, mode, per_channel):
+    # An int8 weight is as many parameters as the float one it replaces; the scales and zero points the
+    # quantizer adds (per tensor or per channel, and for dynamic mode multiplied into the activations'
+    # run-time scales) are bookkeeping. Every initializer of small_cnn is a float weight or bias.
+    elements = sum(int(np.prod(t.dims)) for t in small_cnn().graph.initializer)
+    out, report = tmp_path / "q.onnx", tmp_path / "q.json"
+    result = deploy.quantize(model, out, mode=mode, per_channel=per_channel,
+                             calib=calib if mode == "qdq" else None)
+    quantized = onnx.load(out)
+    scales = [t for t in quantized.graph.initializer if t.name.endswith(("_scale", "_zero_point"))]
+    assert scales  # there is bookkeeping to leave out
+    assert result.before.params == result.after.params == elements
+    assert result.after.file_bytes < 0.35 * result.before.file_bytes  # the size is what falls
+    cli = invoke("quantize", model, "-o", tmp_path / "cli.onnx", "--mode", mode, "--no-latency",
+                 "--report", report, *(["--per-channel"] if per_channel else []),
+                 *(["--calib", calib] if mode == "qdq" else []))
+    assert cli.exit_code == 0, cli.output
+    data = json.loads(report.read_text())
+    assert data["before"]["params"] == data["after"]["params"] == elements
+    assert f"params: {elements:,} → {elements:,}" in report.with_suffix(".html").read_text()
+
+
+def test_a_float_weight_beside_a_dynamic_quantized_matmul_stays_a_parameter():
+    # ONNX Runtime's dynamic form: the weight's scale multiplies the activation's run-time scale, and
+    # that product rescales the integer product; a float weight applied afterwards is a parameter.
+    node = helper.make_node
+    nodes = [node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             node("MatMulInteger", ["xq", "w", "xz", "wz"], ["acc"]),
+             node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             node("Mul", ["xs", "ws"], ["s"]),
+             node("Mul", ["accf", "s"], ["y0"]),
+             node("Mul", ["y0", "gamma"], ["y"])]
+    inits = [numpy_helper.from_array(np.ones((4, 3), np.int8), "w"),
+             numpy_helper.from_array(np.ones(3, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(3, np.int8), "wz"),
+             numpy_helper.from_array(np.ones(3, np.float32), "gamma")]
+    graph = helper.make_graph(nodes, "dq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert count_params(model) == 4 * 3 + 3  # w and gamma; not ws, wz
+
+
+def test_the_bookkeeping_inputs_are_the_scales_and_zero_points_of_the_ops_schemas():
+    from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+    schemas = {}
+    for schema in get_all_operator_schema():
+        if schema.domain in ("", "com.microsoft"):
+            schemas.setdefault(schema.name, schema)
+    for op, positions in _BOOKKEEPING.items():
+        names = [i.name for i in schemas[op].inputs]
+        assert positions == {k for k, n in enumerate(names) if "scale" in n or "zero_point" in n}, op
 
 
 def test_qdq_needs_calibration_data(model, tmp_path):
