@@ -25,6 +25,7 @@ from graphprune.passes.drop_layers import DropLayersConfig, DropLayersPass, Drop
 from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass, reconstruct_mode
 from graphprune.plan import PrunePlan
 from graphprune.report import AnalysisReport, GroupSummary, declined_nodes, summarise_groups
+from graphprune.stat_match import check_mode
 from graphprune.verify import VerifyReport, verify
 
 ModelInput = str | os.PathLike | onnx.ModelProto | ir.Model
@@ -170,6 +171,7 @@ def optimize(
     target_params: float | None = None,
     min_ratio: float = 0.0,
     reconstruct: bool | str = False,
+    match_stats: str = "",
     protect: tuple[str, ...] = (),
     target_speedup: float | None = None,
     provider: str = "cpu",
@@ -178,6 +180,8 @@ def optimize(
     """Prune channels, verify against the original, and (if ``output`` is given) save atomically.
 
     ``units``: the unit kinds to remove ("channel", "head", "head-repeat", "head-dim", "conv-group").
+    Left at its default (``DEFAULT_KINDS`` itself), ``target_speedup`` may add conv-group units when
+    these fall short (latency_plan.py); ``units`` passed, even the same kinds, are kept as given.
     ``external_data``: keep weights in ``<output>.data`` (default: only for models over 1 GB).
     ``latency_rounds``: time dense vs pruned on ONNX Runtime CPU, interleaved (0: skip).
     ``progress``: called with a step's description, returns a context manager around the step.
@@ -213,6 +217,8 @@ def optimize(
         raise GraphpruneError(f"--ratio must be in [0, 1): got {ratio}.")
     if round_to < 1:
         raise GraphpruneError(f"--round-to must be 1 or more: got {round_to}.")
+    if seed < 0:
+        raise GraphpruneError(f"--seed must be 0 or more: got {seed}.")
     unknown = [u for u in units if u not in UNIT_KINDS]
     if unknown or not units:
         raise GraphpruneError(f"--units: unknown unit kind '{unknown[0] if unknown else ''}'; "
@@ -222,6 +228,10 @@ def optimize(
     reconstruct_mode(reconstruct)  # an unknown mode fails here
     if reconstruct and calib is None:
         raise GraphpruneError("--reconstruct needs calibration data: give --calib as well.")
+    if match_stats:
+        check_mode(match_stats)  # an unknown mode fails here
+        if calib is None:
+            raise GraphpruneError("--match-stats needs calibration data: give --calib as well.")
     if calib_batches is not None and calib_batches < 1:
         raise GraphpruneError(f"--calib-batches must be 1 or more: got {calib_batches}.")
     compensate = calib is not None if compensate is None else compensate
@@ -238,7 +248,7 @@ def optimize(
                                  exclude=tuple(exclude), max_group_ratio=max_group_ratio, seed=seed,
                                  kinds=tuple(units), compensate=compensate, allocation=allocation,
                                  target_flops=target_flops, target_params=target_params, min_ratio=min_ratio,
-                                 reconstruct=reconstruct, protect=tuple(protect))
+                                 reconstruct=reconstruct, match_stats=match_stats, protect=tuple(protect))
     config.progress = _counter(progress)
     if calib is not None:
         config.calibration = _calibration_set(loaded, calib, calib_batch_size, calib_batches, input_shapes)
@@ -246,8 +256,8 @@ def optimize(
     if target_speedup is not None:
         from graphprune.latency_plan import SpeedupPass, SpeedupTarget
 
-        pruning = SpeedupPass(config, SpeedupTarget(target_speedup, provider, input_shapes, seed, threads),
-                              original)
+        pruning = SpeedupPass(config, SpeedupTarget(target_speedup, provider, input_shapes, seed, threads,
+                                                    units_given=units is not DEFAULT_KINDS), original)
     doing = (("collecting activation statistics, " if calib is not None else "")
              + ("measuring sensitivity, " if allocation == "sensitivity" else "")
              + (f"timing layers on {provider} and planning, " if target_speedup is not None else "")
@@ -275,6 +285,8 @@ def optimize(
                 "compensation": pruning.compensation.to_dict() if pruning.compensation else None,
                 "reconstruct": reconstruct,
                 "reconstruction": pruning.reconstruction.to_dict() if pruning.reconstruction else None}
+    if match_stats:
+        settings["stat_matching"] = pruning.matching.to_dict() if pruning.matching else None
     if target_speedup is not None:
         settings["latency_plan"] = pruning.search.to_dict()
     budget = None

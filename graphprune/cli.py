@@ -190,20 +190,22 @@ def _check_at_least(option: str, value: int, low: int) -> None:
         raise GraphpruneError(f"{option} must be {low} or more: got {value}.")
 
 
-def _check_run_options(model: Path, output: Path, report_path: Path | None, samples: int,
+def _check_run_options(model: Path, output: Path | None, report_path: Path | None, samples: int,
                        input_shapes: tuple[str, ...], calib_batch_size: int = 1,
                        calib_batches: int | None = None, exclude: tuple[str, ...] = ()
                        ) -> dict[str, tuple[int, ...]] | None:
     """The checks every rewriting command makes before any work: counts, destinations, the model file
-    and its --input-shape overrides (unknown input names and wrong ranks fail here); returns the shapes."""
+    and its --input-shape overrides (unknown input names and wrong ranks fail here); returns the shapes.
+    No destinations are checked without ``output`` (a dry run writes nothing)."""
     _check_at_least("--samples", samples, 1)
     _check_at_least("--calib-batch-size", calib_batch_size, 1)
     if calib_batches is not None:
         _check_at_least("--calib-batches", calib_batches, 1)
     shapes = parse_shape_overrides(input_shapes) or None
-    _check_destination(output, "--output", model)
-    if report_path is not None:
-        _check_report(report_path, model, (output,))
+    if output is not None:
+        _check_destination(output, "--output", model)
+        if report_path is not None:
+            _check_report(report_path, model, (output,))
     with _step(f"Loading {model}"):
         structure = check_model_file(model)
         resolve_shapes(structure, shapes, strict=False)
@@ -424,7 +426,7 @@ def analyze(model: Path, as_json: bool) -> None:
               help="Concrete input shape, e.g. input:1x3x224x224 (repeatable).")
 @click.option("--samples", type=int, default=DEFAULTS["samples"], show_default=True,
               help="Random input sets for verification.")
-@click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS["seed"], show_default=True,
               help="Seed for random criteria and inputs.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write a JSON report here and its HTML page beside it.")
@@ -446,6 +448,10 @@ def analyze(model: Path, as_json: bool) -> None:
               help="one-shot: fit every consumer on the dense model's activations; sequential: fit them in "
                    "topological order on the pruned model's own activations (a few more calibration "
                    "passes). Implies --reconstruct. [default: one-shot]")
+@click.option("--match-stats", type=click.Choice(["mean", "moments", "regression"]), default=None,
+              help="After pruning, correct each affected conv/linear layer's output channels towards the "
+                   "dense model's on --calib data: mean (bias only), moments (mean and spread, like "
+                   "re-estimating BatchNorm) or regression (per-channel least squares).")
 @click.option("--calib-batches", type=int, default=None, help="Use at most this many calibration batches.")
 @click.option("--calib-batch-size", type=int, default=DEFAULTS["calib_batch_size"], show_default=True,
               help="Samples per calibration batch.")
@@ -465,7 +471,7 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
              protect: tuple[str, ...], input_shapes: tuple[str, ...],
              samples: int, seed: int, report_path: Path | None, latency: bool, calib: str | None,
              compensate: bool | None, reconstruct: bool, reconstruct_mode: str | None,
-             calib_batches: int | None, calib_batch_size: int,
+             match_stats: str | None, calib_batches: int | None, calib_batch_size: int,
              evaluator_name: str | None, deploy_target: str | None, fix_shapes: bool,
              recipe_path: Path | None, dry_run: bool, bench_providers: str | None) -> None:
     """Prune MODEL, verify it against the original, write OUTPUT.
@@ -519,13 +525,22 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
                "global_rank": global_rank, "allocation": allocation, "target_flops": target_flops,
                "target_params": target_params, "min_ratio": min_ratio, "round_to": round_to, "exclude": exclude,
                "max_group_ratio": max_group_ratio, "seed": seed,
-               "units": tuple(u.strip() for u in units.split(",") if u.strip()), "calib": calib,
+               # --units left out: the API's default itself, so that --target-speedup may add kinds.
+               "units": tuple(u.strip() for u in units.split(",") if u.strip())
+               if click.get_current_context().get_parameter_source("units") != click.core.ParameterSource.DEFAULT
+               else DEFAULTS["units"], "calib": calib,
                "compensate": compensate, "calib_batches": calib_batches, "calib_batch_size": calib_batch_size,
-               "reconstruct": reconstruct_mode or reconstruct, "protect": protect,
+               "reconstruct": reconstruct_mode or reconstruct, "match_stats": match_stats or "",
+               "protect": protect,
                "target_speedup": target_speedup, "provider": provider, "threads": threads}
-    if dry_run:
-        check_model_file(model)
-        _print_recipe(flags_recipe(options, parse_shape_overrides(input_shapes) or None, samples))
+    if dry_run:  # the checks of a real run, but nothing written
+        from graphprune.recipe import check_step
+
+        shapes = _check_run_options(model, None, None, samples, input_shapes, calib_batch_size, calib_batches,
+                                    exclude)
+        recipe = flags_recipe(options, shapes, samples)
+        check_step(recipe.steps[0], model, shapes)
+        _print_recipe(recipe)
         return
     shapes = _check_run_options(model, output, report_path, samples, input_shapes, calib_batch_size,
                                 calib_batches, exclude)
@@ -549,12 +564,7 @@ def optimize(model: Path, output: Path, ratio: float | None, target_flops: float
           **({"mobile_export": mobile.to_dict()} if mobile else {}),
           **({"bench": timing} if timing else {})}, report_path)
     _print_result(result, speed, output, report_path)
-    if result.allocation is not None:
-        _print_allocation(result.allocation)
-    if "latency_plan" in result.settings:
-        from graphprune.latency_plan import summary
-
-        _stdout().print(summary(result.settings["latency_plan"]))
+    _print_allocation(result.allocation, result.settings.get("latency_plan"))
     if evaluation is not None:
         _stdout().print(evaluation_table(evaluation))
     if mobile is not None:
@@ -587,19 +597,32 @@ def sensitivity_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _print_allocation(budget: dict[str, Any]) -> None:
+def _print_allocation(budget: dict[str, Any] | None, latency_plan: dict[str, Any] | None) -> None:
     out = _stdout()
-    if budget["sensitivity"]:
+    if budget and budget["sensitivity"]:
         out.print(sensitivity_table(budget["sensitivity"]))
+    for line in _budget_lines(budget, latency_plan):
+        out.print(line)
+
+
+def _budget_lines(budget: dict[str, Any] | None, latency_plan: dict[str, Any] | None = None) -> list[str]:
+    """A pruning's --target-flops/--target-params budget lines and --target-speedup line (optimize's and
+    each prune-channels step's of a recipe)."""
+    lines = []
     for what, key in (("MACs", "flops"), ("params", "params")):
-        target = budget[f"target_{key}"]
+        target = budget[f"target_{key}"] if budget else None
         if target is not None:
-            out.print(f"Budget: {what} -{_pct(target)} requested, -{_pct(budget[f'estimated_{key}_reduction'])} "
-                      f"estimated, -{_pct(budget[f'achieved_{key}_reduction'])} achieved "
-                      f"({budget['mode']} allocation).")
-    if not budget["target_reached"]:
-        out.print("[yellow]note:[/] the budget cannot be reached within --max-ratio and --round-to; "
-                  "the plan removes all they allow.")
+            estimated, achieved = budget[f"estimated_{key}_reduction"], budget[f"achieved_{key}_reduction"]
+            lines.append(f"Budget: {what} -{_pct(target)} requested, -{_pct(estimated)} estimated, "
+                         f"-{_pct(achieved)} achieved ({budget['mode']} allocation).")
+    if budget and not budget["target_reached"]:
+        lines.append("[yellow]note:[/] the budget cannot be reached within --max-ratio and --round-to; "
+                     "the plan removes all they allow.")
+    if latency_plan is not None:
+        from graphprune.latency_plan import summary
+
+        lines.append(summary(latency_plan))
+    return lines
 
 
 def _print_result(result: api.OptimizeResult, speed: dict[str, Any] | None, output: Path,
@@ -628,6 +651,14 @@ def _print_result(result: api.OptimizeResult, speed: dict[str, Any] | None, outp
         mode = reconstruction.get("mode", "one-shot")
         out.print(f"Reconstruction ({mode}): {reconstruction['reconstructed']} consumer(s) reconstructed"
                   f"{errors}, {len(reconstruction['skipped'])} skipped.")
+    matching = result.settings.get("stat_matching")
+    if matching:
+        errors = ""
+        if matching["corrected"]:
+            errors = (f" (mean relative calibration error: {matching['mean_relative_error_before']:.3g} before, "
+                      f"{matching['mean_relative_error_after']:.3g} after)")
+        out.print(f"Statistics matching ({matching['mode']}): {matching['corrected']} layer(s) corrected"
+                  f"{errors}, {len(matching['skipped'])} skipped.")
     for change in result.resized:
         out.print(f"[yellow]note:[/] {change['value']} axis {change['axis']} shrinks from {change['before']} "
                   f"to {change['after']}: allocate the smaller cache when calling the pruned model.")
@@ -889,11 +920,12 @@ def _reject_flags_beside_recipe() -> None:
 
 def _run_recipe_file(model: Path, recipe_path: Path, output: Path | None, dry_run: bool,
                      report_path: Path | None) -> None:
-    from graphprune.recipe import load_recipe, run_recipe
+    from graphprune.recipe import check_recipe, load_recipe, run_recipe
 
     recipe = load_recipe(recipe_path)
     if dry_run:
         check_model_file(model)
+        check_recipe(recipe, model)  # as run_recipe does before its first step
         _print_recipe(recipe)
         return
     if output is None:
@@ -914,6 +946,12 @@ def _run_recipe_file(model: Path, recipe_path: Path, output: Path | None, dry_ru
         table.add_row(str(k), done["step"], _count(after["macs"]) if "macs" in after else "-",
                       _count(after["params"]) if "params" in after else "-")
     out.print(table)
+    for k, done in enumerate(result.steps, 1):
+        if done["step"] == "prune-channels":  # its budget and speedup target, as optimize prints them
+            summary = done["summary"]
+            plan = summary.get("settings", {}).get("latency_plan")
+            for line in _budget_lines(summary.get("allocation"), plan):
+                out.print(f"Step {k} ({done['step']}): {line}")
     out.print(comparison_table(result.before, result.after, None))
     if result.verification is not None:
         out.print(fidelity_table(result.verification))
@@ -964,7 +1002,7 @@ def _plain_value(value: Any) -> Any:
 @click.option("--rounds", type=int, default=LATENCY_ROUNDS, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per model first.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: ONNX Runtime's).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout, nothing else.")
 def bench_command(model: Path, other: Path | None, providers: str, batch: int | None, seq: int | None,
                   input_shapes: tuple[str, ...], rounds: int, warmup: int, threads: int | None, seed: int,

@@ -193,7 +193,7 @@ def quantize_table(result: deploy.QuantizeResult) -> Table:
               help="Concrete input shape, e.g. input:1x3x224x224 (repeatable).")
 @click.option("--samples", type=int, default=4, show_default=True,
               help="Random input sets (and calibration batches) for verification.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report here and its HTML page beside it.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time float vs quantized with ONNX Runtime on CPU.")

@@ -60,7 +60,7 @@ def layers_table(result: api.SparsifyActivationsResult) -> Table:
               help="Concrete input shape, e.g. input_ids:1x128 (repeatable).")
 @click.option("--samples", type=int, default=4, show_default=True,
               help="Random input sets for verification (and for calibration without --calib).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random inputs and score sampling.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for random inputs and score sampling.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write a JSON report here and its HTML page beside it.")
 @click.option("--latency/--no-latency", default=True, show_default=True,

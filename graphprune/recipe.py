@@ -29,6 +29,10 @@ import onnx_ir as ir
 import yaml
 
 from graphprune import api, deploy
+from graphprune.allocation import ALLOCATIONS
+from graphprune.analysis.groups import PROTECTABLE
+from graphprune.calibration import load_calibration
+from graphprune.criteria import CRITERIA
 from graphprune.errors import GraphpruneError
 from graphprune.metrics import ModelStats
 from graphprune.verify import VerifyReport, verify
@@ -264,6 +268,62 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     return parse_recipe(data, source)
 
 
+# ---------- checking without running ----------
+
+
+class _WorkBegins(Exception):
+    """Raised by check_step's progress: the step's function has passed its own checks."""
+
+
+def _stop_at_work(text: str) -> AbstractContextManager[Any]:
+    raise _WorkBegins(text)
+
+
+# Choices of api.optimize's options that a real run rejects only once the work has begun (scoring,
+# allocating, planning), with the sentences it rejects them with.
+_CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
+    "criterion": (CRITERIA, "unknown criterion '{}': choose one of {}."),
+    "allocation": (ALLOCATIONS, "unknown allocation '{}': choose one of {}."),
+    "protect": (PROTECTABLE, "--protect: unknown role '{}'; choose from {}."),
+}
+
+
+def check_step(step: Step, model: api.ModelInput,
+               input_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    """The checks a real run of ``step`` makes, without its work: the values of its choice options, its API
+    function's own checks, which every pass function makes before its first progress step ("Loading") and
+    is stopped at, and that its calibration data exists (load_calibration, contents unread). Raises the
+    GraphpruneError the run would."""
+    spec, options = PASSES_API[step.name], step.resolved()
+    if spec.function is api.optimize:
+        for option, (choices, sentence) in _CHOICES.items():
+            values = options[option] if isinstance(options[option], tuple) else (options[option],)
+            for value in values:
+                if value not in choices:
+                    raise GraphpruneError(sentence.format(value, ", ".join(choices)))
+    args: tuple[Any, ...] = (model, model) if step.name == "refit" else (model,)
+    kwargs = {**options, "input_shapes": input_shapes, "check": False, "progress": _stop_at_work}
+    if step.name != "refit":
+        kwargs["latency_rounds"] = 0
+    try:
+        spec.function(*args, **kwargs)
+        raise AssertionError(f"{step.name}: its API function ran without a progress step")  # each has one
+    except _WorkBegins:
+        pass
+    if options.get("calib") is not None:
+        load_calibration(options["calib"], (), options.get("calib_batch_size", 8),
+                         max_batches=options.get("calib_batches"))
+
+
+def check_recipe(recipe: Recipe, model: api.ModelInput) -> None:
+    """check_step for every step, its errors naming the recipe and the step as run_recipe's do."""
+    for k, item in enumerate(recipe.steps, 1):
+        try:
+            check_step(item, model, recipe.input_shapes)
+        except GraphpruneError as err:
+            raise GraphpruneError(f"{recipe.source}, step {k} ({item.name}): {err}") from None
+
+
 # ---------- running ----------
 
 Progress = Callable[[str], AbstractContextManager[Any]]
@@ -313,9 +373,11 @@ def run_recipe(model: api.ModelInput, recipe: Recipe, output: str | os.PathLike 
 
     Verification uses verify.verify with the composed interface resizes of the steps (KV caches), or
     api.verify_tokens (comparable outputs only) when a prune-tokens step is in the recipe. A step's
-    GraphpruneError is re-raised naming the recipe and the step.
+    GraphpruneError is re-raised naming the recipe and the step; every step's options are checked
+    (check_recipe) before the first step runs.
     """
     api._check_output(model, output)
+    check_recipe(recipe, model)
     step = progress or (lambda _: nullcontext())
     shapes = recipe.input_shapes
     current: api.ModelInput = model

@@ -34,6 +34,7 @@ from graphprune.reconstruct import (
 from graphprune.report import GroupSummary, summarise_groups
 from graphprune.rewrite import apply_removal, cleanup, interface_changes
 from graphprune.sensitivity import measure_sensitivity
+from graphprune.stat_match import MatchReport, check_mode, match_statistics, match_targets
 
 
 @dataclass
@@ -59,6 +60,8 @@ class PruneChannelsConfig(PlanConfig):
     reconstruct_stages: int = MAX_STAGES
     reconstruct_damp: float = DAMP
     reconstruct_max_features: int = MAX_FEATURES
+    # per-channel statistics matching after pruning (stat_match.py): "", "mean", "moments", "regression"
+    match_stats: str = ""
     progress: Callable[[int], None] | None = None
     # allocation "sensitivity": probe share and calibration batches (sensitivity.py)
     probe_ratio: float = 0.5
@@ -82,6 +85,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         self.compensation: CompensationReport | None = None
         self.sensitivity: dict[int, float] | None = None  # group root -> measured output change
         self.reconstruction: ReconstructionReport | None = None
+        self.matching: MatchReport | None = None
 
     def collect_calibration(self, model: ir.Model, g: DimGraph) -> None:
         """The calibration statistics the criterion and compensation read (``self.stats``) and the Gram
@@ -124,13 +128,24 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         mode = reconstruct_mode(getattr(config, "reconstruct", False))
         if mode and calibration is None:
             raise GraphpruneError("reconstruction needs calibration data: give --calib as well.")
+        match_mode = getattr(config, "match_stats", "")
+        if match_mode:
+            check_mode(match_mode)
+            if calibration is None:
+                raise GraphpruneError("statistics matching needs calibration data: give --calib as well.")
+        dense = None
+        if self.plan.removed and (mode == "sequential" or match_mode):
+            dense = ir.from_proto(ir.to_proto(model))  # before compensation and slicing
+        matching = []
+        if match_mode and self.plan.removed:
+            self.matching = MatchReport(match_mode)
+            matching = match_targets(g, self.plan.removed, self.matching)
         sequential = None
         if mode == "one-shot":
             self.reconstruction, reconstructed = reconstruct_consumers(
                 g, self.plan, calibration, damp=config.reconstruct_damp,
                 max_features=config.reconstruct_max_features, progress=getattr(config, "progress", None))
         elif mode == "sequential" and self.plan.removed:
-            dense = ir.from_proto(ir.to_proto(model))  # before compensation and slicing
             self.reconstruction, sequential = sequential_targets(
                 g, self.plan, max_features=config.reconstruct_max_features)
             reconstructed = {(s.target.use.node, s.target.use.index) for s in sequential}
@@ -141,8 +156,11 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             reconstruct_sequential(g, dense, sequential, self.reconstruction, calibration,
                                    damp=config.reconstruct_damp, max_stages=config.reconstruct_stages,
                                    progress=getattr(config, "progress", None))
-            if sequential:
-                cleanup(model)
+        if matching:
+            match_statistics(g, dense, matching, self.matching, calibration,
+                             progress=getattr(config, "progress", None))
+        if sequential or matching:
+            cleanup(model)
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))
 
 

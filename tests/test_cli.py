@@ -178,6 +178,35 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, resnet, tmp_path)
     assert {p.name: digest(p) for p in tmp_path.iterdir()} == before  # nothing new, input unchanged
 
 
+@pytest.mark.parametrize("args, named", [
+    (["--ratio", 0.3, "--units", "channel,bogus"], "--units: unknown unit kind 'bogus'"),
+    (["--ratio", 0.3, "--reconstruct"], "--reconstruct needs calibration data"),
+    (["--ratio", 0.3, "--compensate"], "--compensate needs calibration data"),
+    (["--ratio", 0.3, "--global", "--max-ratio", 0.5, "--min-ratio", 0.7], "--min-ratio must be in"),
+    (["--ratio", 0.3, "--calib", "nowhere.npz"], "--calib nowhere.npz: no such file"),
+    (["--ratio", 0.3, "--calib-batch-size", 0], "--calib-batch-size must be 1 or more"),
+    (["--ratio", 0.3, "--input-shape", "input:1x3"], "has rank 2"),
+    (["--target-speedup", 1.5, "--provider", "nopu"], "unknown provider 'nopu'"),
+    (["--target-speedup", 1.5, "--threads", 0], "--threads must be 1 or more"),
+])
+def test_dry_run_rejects_what_a_real_run_rejects_and_prints_nothing(resnet, tmp_path, args, named):
+    dry = invoke("optimize", resnet, *args, "--dry-run")
+    real = invoke("optimize", resnet, *args, "-o", tmp_path / "out.onnx", "--no-latency")
+    assert dry.exit_code == real.exit_code == 2, dry.output + real.output
+    assert dry.stdout == "" and dry.stderr == real.stderr  # the same sentence
+    assert dry.stderr.startswith("error: ") and named in dry.stderr and dry.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--criterion", "--allocation", "--reconstruct-mode", "--protect"])
+def test_dry_run_rejects_unknown_choices_as_a_real_run_does(resnet, tmp_path, option):
+    dry = invoke("optimize", resnet, "--ratio", 0.3, option, "bogus", "--dry-run")
+    real = invoke("optimize", resnet, "--ratio", 0.3, option, "bogus", "-o", tmp_path / "out.onnx")
+    assert dry.exit_code == real.exit_code == 2 and dry.stdout == "" and dry.stderr == real.stderr
+    assert f"Invalid value for '{option}'" in dry.stderr  # click's choice check, before either
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("case", ["input-missing", "input-corrupt", "external-data-missing"])
 def test_analyze_bad_input_is_one_line_exit_2(case, resnet, tmp_path):
     model, _args, named = bad_case(case, resnet, tmp_path)

@@ -1,6 +1,7 @@
-"""--quiet, --json and progress counts on every command."""
+"""--quiet, --json and progress counts on every command; the budget lines `run` prints of its steps."""
 
 import json
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from graphprune import api
-from graphprune.cli import main
+from graphprune.cli import _pct, main
 from graphprune.models.zoo import export
 
 
@@ -125,3 +126,38 @@ def test_optimize_bench_with_a_missing_provider_fails_before_any_work(resnet, tm
     result = invoke("optimize", resnet, "-o", tmp_path / "p.onnx", "--ratio", 0.3, "--bench", "cuda")
     assert result.exit_code == 2 and "graphprune[gpu]" in result.stderr
     assert not (tmp_path / "p.onnx").exists()
+
+
+def flat(text: str) -> str:
+    """Printed text with rich's wrapping at the terminal width undone."""
+    return " ".join(text.split())
+
+
+def test_run_prints_the_budget_of_each_budgeted_prune_step_as_optimize_does(resnet, tmp_path):
+    optimized = invoke("optimize", resnet, "-o", tmp_path / "o.onnx", "--target-flops", 0.3, "--round-to", 1,
+                       "--no-latency")
+    assert optimized.exit_code == 0, optimized.output
+    (budget,) = re.findall(r"Budget: MACs -30\.0% requested, .*? allocation\)\.", flat(optimized.stdout))
+    recipe, report = tmp_path / "r.yaml", tmp_path / "r.json"
+    recipe.write_text("steps:\n  - prune-channels: {target-flops: 0.3, round-to: 1}\n"
+                      "  - prune-channels: {ratio: 0.2, round-to: 1}\n"
+                      "  - prune-channels: {target-params: 0.2, allocation: global, round-to: 1}\n")
+    result = invoke("run", resnet, "--recipe", recipe, "-o", tmp_path / "r.onnx", "--report", report)
+    assert result.exit_code == 0, result.output
+    printed = flat(result.stdout)
+    assert f"Step 1 (prune-channels): {budget}" in printed  # the same step as optimize's flags, the same line
+    assert "Step 2" not in printed  # a ratio is no budget
+    third = json.loads(report.read_text())["steps"][2]["summary"]["allocation"]  # of the step's own input
+    assert (f"Step 3 (prune-channels): Budget: params -20.0% requested, "
+            f"-{_pct(third['estimated_params_reduction'])} estimated, "
+            f"-{_pct(third['achieved_params_reduction'])} achieved (global allocation).") in printed
+
+
+def test_run_prints_the_speedup_target_line_of_a_prune_step(resnet, tmp_path):
+    recipe, report = tmp_path / "r.yaml", tmp_path / "r.json"
+    recipe.write_text("steps:\n  - prune-channels: {target-speedup: 1.2, threads: 1}\n")
+    result = invoke("run", resnet, "--recipe", recipe, "-o", tmp_path / "r.onnx", "--report", report)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(report.read_text())["steps"][0]["summary"]["settings"]["latency_plan"]
+    assert (f"Step 1 (prune-channels): Target speedup: 1.20x requested, {plan['measured_speedup']:.2f}x "
+            f"measured on cpu ({len(plan['iterations'])} whole-model check(s)") in flat(result.stdout)

@@ -67,6 +67,44 @@ def _cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+def _chain(convs, fc_in: int) -> onnx.ModelProto:
+    """x[N,3,8,8] -> convs (name, cin, cout, kernel, conv groups), each + relu -> GAP -> Gemm fc_in->10."""
+    rng = np.random.default_rng(0)
+    inits, nodes, h = [], [], "x"
+    for name, cin, cout, k, groups in convs:
+        w = rng.standard_normal((cout, cin // groups, k, k)).astype(np.float32)
+        w *= rng.uniform(0.2, 2.0, size=(cout, 1, 1, 1)).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}.w"),
+                      numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), f"{name}.b")])
+        nodes.append(helper.make_node("Conv", [h, f"{name}.w", f"{name}.b"], [name], name=name,
+                                      pads=[k // 2] * 4, group=groups))
+        nodes.append(helper.make_node("Relu", [name], [f"{name}.relu"], name=f"{name}.relu"))
+        h = f"{name}.relu"
+    nodes.append(helper.make_node("GlobalAveragePool", [h], ["gap"], name="gap"))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flat"))
+    inits.extend([numpy_helper.from_array(rng.standard_normal((10, fc_in)).astype(np.float32), "fc.w"),
+                  numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fc.b")])
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["y"], name="fc", transB=1))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _grouped() -> onnx.ModelProto:
+    """A ResNeXt-like chain: a grouped 3x3 conv of 8 conv groups with 8 channels each, which the CPU grid
+    cuts only to 4. By the fake clock, channel units alone reach 2.46x at most, conv-group units 3.98x."""
+    return _chain([("conv_a", 3, 64, 3, 1), ("conv_g", 64, 64, 3, 8), ("conv_d", 64, 16, 1, 1)], 16)
+
+
+def _thin_stem() -> onnx.ModelProto:
+    """flatten_gemm-like: an 8-channel first conv feeding a wide one. By the fake clock, the CPU grid
+    reaches 3.25x at most (the stem at 4); 3 stem channels give 3.54x, 2 give 3.88x."""
+    return _chain([("conv_a", 3, 8, 3, 1), ("conv_b", 8, 64, 3, 1)], 64)
+
+
 def fake_ms(model) -> float:
     """A CPU-like cost model read off the graph: output channels padded to 16 (NCHWc blocks), a fixed
     cost per run. Savings do not add up: a conv between two pruned groups loses C_out x C_in."""
@@ -116,7 +154,8 @@ def _assert_stopped_at_target(search, speedup, margin=0.02, tolerance=0.05):
     past one that did, or within the tolerance above the margin."""
     goal = speedup * (1 + margin)
     assert search.reached and search.measured >= goal
-    by_steps = {c["steps"]: c["measured_speedup"] for c in search.checks}
+    # Steps count along the order of the round the plan comes from.
+    by_steps = {c["steps"]: c["measured_speedup"] for c in search.checks if c["round"] == search.round}
     assert by_steps[search.steps] == search.measured
     assert all(m < goal for k, m in by_steps.items() if k < search.steps)
     assert by_steps.get(search.steps - 1, 0.0) < goal
@@ -323,6 +362,9 @@ def test_api_reports_requested_measured_table_and_iterations(tmp_path, faked):
     assert record["measured_speedup"] == pytest.approx(fake_ms(src) / fake_ms(tmp_path / "out.onnx"))
     assert record["table"] and record["iterations"] and record["provider"] == "cpu"
     assert result.verification is not None  # the written model was verified against the original
+    # Reached in the first round: no fallback ran.
+    assert record["fallbacks"] == [] and [r["round"] for r in record["rounds"]] == [1] and record["round"] == 1
+    assert all(it["round"] == 1 for it in record["iterations"]) and not record["units_given"]
 
 
 def test_cli_prints_requested_and_measured(tmp_path, faked):
@@ -370,8 +412,7 @@ def test_target_below_one_and_missing_provider(tmp_path):
             api.optimize(src, target_speedup=1.5, provider="cuda")
 
 
-def test_no_width_below_the_grid_is_reported(faked, tmp_path):
-    # Every group of a 4-channel model is no larger than CPU's finest multiple: nothing to measure.
+def _tiny() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w1 = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1")
     w2 = numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w2")
@@ -382,13 +423,134 @@ def test_no_width_below_the_grid_is_reported(faked, tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w1, w2])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    src = tmp_path / "tiny.onnx"
-    onnx.save(model, src)
-    result = api.optimize(src, tmp_path / "out.onnx", target_speedup=1.5)
-    record = result.settings["latency_plan"]
-    assert not record["target_reached"] and "no group has a kept width" in record["stop"]
-    assert result.plan.units_removed == 0
+    return model
 
+
+def test_no_width_below_the_grid_is_reported():
+    # Every group of a 4-channel model is no larger than CPU's finest multiple: nothing on the grid.
+    on = SpeedupPass(PruneChannelsConfig(), SpeedupTarget(1.5, timer=fake_timer()))
+    on(load(_tiny()))
+    search = on.search
+    assert search.rounds[0].stop.startswith("no group has a kept width") and not search.rounds[0].checks
+    # The finer-widths fallback measures 3, 2 and 1 channels; without it, nothing is measured or removed.
+    assert search.fallbacks == ["finer widths"]
+    assert {w["kept"] for row in search.table for w in row["widths"]} == {3, 2, 1}
+    off = SpeedupPass(PruneChannelsConfig(), SpeedupTarget(1.5, timer=fake_timer(), finer_widths=False))
+    off(load(_tiny()))
+    assert not off.search.reached and "no group has a kept width" in off.search.stop
+    assert off.plan.units_removed == 0 and off.search.fallbacks == [] and not off.search.table[0]["widths"]
+
+
+def _rounds_of(search):
+    return [(r.number, r.fallback, r.reached) for r in search.rounds]
+
+
+def test_conv_group_units_are_added_when_channel_units_fall_short():
+    proto = ir.to_proto(load(_grouped()))
+    model, pruning = _run_pass(proto, 3.0)
+    search = pruning.search
+    # Channel units alone fall short of 3x (every check of round 1 below it); conv-group units reach it.
+    assert _rounds_of(search) == [(1, "", False), (2, "conv-group units", True)]
+    assert all(c["measured_speedup"] < 3.0 for c in search.checks if c["round"] == 1)
+    _assert_stopped_at_target(search, 3.0)
+    assert search.round == 2 and search.checks[-1]["round"] == 2
+    added = search.rounds[1].added
+    assert added and all(entry["kind"] == "conv-group" for entry in added)
+    grouped = [d for d in pruning.plan.decisions if d.group.kind == "conv-group"]
+    assert grouped and any(len(d.removed) for d in grouped) and all(d.criterion for d in grouped)
+    assert [row["widths"][0]["round"] for row in search.table if row["kind"] == "conv-group"] == [2]
+    # The plan applied is the one measured, and equals masking the removed units.
+    pruned = ir.to_proto(model)
+    assert search.measured == pytest.approx(fake_ms(proto) / fake_ms(pruned))
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    assert_equivalent(edit_slices(proto, pruning.plan.removed, roles=("in",)), pruned, feeds)
+
+
+def test_given_units_are_kept_as_given():
+    proto = ir.to_proto(load(_grouped()))
+    model = load(proto)
+    pruning = SpeedupPass(PruneChannelsConfig(), SpeedupTarget(3.0, timer=fake_timer(), units_given=True,
+                                                               finer_widths=False))
+    pruning(model)
+    search = pruning.search
+    assert _rounds_of(search) == [(1, "", False)] and not search.reached
+    assert all(not len(d.removed) for d in pruning.plan.decisions if d.group.kind == "conv-group")
+    assert "--units leaves out conv-group units, which 1 group(s) of this model have" in search.stop
+    # A target within reach of channel units is reached by them, as before.
+    _, reachable = _run_pass(proto, 2.0)
+    assert _rounds_of(reachable.search) == [(1, "", True)]
+
+
+def test_units_given_in_the_api_and_cli_are_respected(tmp_path, faked):
+    src = tmp_path / "grouped.onnx"
+    onnx.save(_grouped(), src)
+    shapes = {"x": (2, 3, 8, 8)}
+
+    def conv_groups_removed(result):
+        return sum(len(d.removed) for d in result.plan.decisions if d.group.kind == "conv-group")
+
+    default = api.optimize(src, target_speedup=3.0, input_shapes=shapes)
+    assert default.settings["latency_plan"]["fallbacks"] == ["conv-group units"] and conv_groups_removed(default)
+    given = api.optimize(src, target_speedup=3.0, input_shapes=shapes, units=("channel", "head"))
+    record = given.settings["latency_plan"]
+    assert record["units_given"] and "conv-group units" not in record["fallbacks"]
+    assert conv_groups_removed(given) == 0
+    # The CLI: --units left out is the default (the fallback may add conv-group units); typed, it is kept.
+    for extra, expected in (([], True), (["--units", "channel,head"], False)):
+        report = tmp_path / "report.json"
+        run = CliRunner().invoke(main, ["optimize", str(src), "-o", str(tmp_path / "out.onnx"), "--target-speedup",
+                                        "3", "--input-shape", "x:2x3x8x8", "--report", str(report), "--no-latency",
+                                        *extra])
+        assert run.exit_code == 0, run.output
+        record = json.loads(report.read_text())["settings"]["latency_plan"]
+        assert ("conv-group units" in record["fallbacks"]) is expected
+        assert ("added conv-group units" in run.output) is expected
+
+
+def test_finer_widths_when_the_grid_falls_short():
+    proto = ir.to_proto(load(_thin_stem()))
+    model, pruning = _run_pass(proto, 3.5)
+    search = pruning.search
+    assert _rounds_of(search) == [(1, "", False), (2, "finer widths", True)]
+    first = search.rounds[0]
+    assert first.stop.startswith("nothing left to remove") and first.measured < 3.5
+    _assert_stopped_at_target(search, 3.5)
+    # Only widths below one 16-channel block are added, and only where the grid had none of them.
+    added = search.rounds[1].added
+    assert [entry["widths"] for entry in added] == [[7, 6, 5, 3, 2]]
+    stem = next(d for d in pruning.plan.decisions if d.group.size == 8)
+    assert len(stem.kept) in (2, 3)  # below the grid's floor of 4
+    widths = {row["size"]: {w["kept"]: w["round"] for w in row["widths"]} for row in search.table}
+    assert widths[8] == {7: 2, 6: 2, 5: 2, 4: 1, 3: 2, 2: 2} and set(widths[64].values()) == {1}
+    assert search.measured == pytest.approx(fake_ms(proto) / fake_ms(ir.to_proto(model)))
+
+
+def test_report_and_console_record_the_fallback(tmp_path, faked):
+    src = tmp_path / "thin.onnx"
+    onnx.save(_thin_stem(), src)
+    report = tmp_path / "report.json"
+    run = CliRunner().invoke(main, ["optimize", str(src), "-o", str(tmp_path / "out.onnx"), "--target-speedup",
+                                    "3.5", "--input-shape", "x:2x3x8x8", "--report", str(report), "--no-latency"])
+    assert run.exit_code == 0, run.output
+    record = json.loads(report.read_text())["settings"]["latency_plan"]
+    assert record["target_reached"] and record["fallbacks"] == ["finer widths"] and record["round"] == 2
+    first, second = record["rounds"]
+    assert first["fallback"] is None and not first["target_reached"] and second["target_reached"]
+    assert second["added"] and second["checks"] == sum(it["round"] == 2 for it in record["iterations"])
+    assert record["measured_speedup"] == second["measured_speedup"]
+    line = " ".join(run.output.split())
+    assert f"the default round measured {first['measured_speedup']:.2f}x at best" in line
+    assert f"round 2 added finer widths ({second['measured_speedup']:.2f}x)" in line
+
+
+def test_unreachable_target_runs_every_fallback_and_keeps_the_best():
+    proto = ir.to_proto(load(_grouped()))
+    _, pruning = _run_pass(proto, 50.0)
+    search = pruning.search
+    assert _rounds_of(search) == [(1, "", False), (2, "conv-group units", False), (3, "finer widths", False)]
+    assert search.measured == max(r.measured for r in search.rounds)
+    assert search.measured == max(c["measured_speedup"] for c in search.checks)
+    assert "fallback rounds tried: conv-group units, finer widths" in search.stop
 
 
 def test_thread_cpu_clock_times_real_sessions(cnn):

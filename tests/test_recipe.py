@@ -13,7 +13,7 @@ from test_drop_layers import residual_stack, run
 from graphprune import api
 from graphprune.cli import main
 from graphprune.errors import GraphpruneError
-from graphprune.recipe import PASSES_API, load_recipe, parse_recipe, run_recipe
+from graphprune.recipe import PASSES_API, Step, check_step, load_recipe, parse_recipe, run_recipe
 
 TWO_STEPS = """\
 steps:
@@ -137,6 +137,41 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(model, tmp_path):
     assert not out.exists()
     result = invoke("run", model, "--recipe", write(tmp_path, TWO_STEPS))
     assert result.exit_code == 2 and "-o OUTPUT" in result.stderr
+
+
+@pytest.mark.parametrize("bad, named", [
+    ("prune-channels: {criterion: l3}", "unknown criterion 'l3': choose one of l1, l2"),
+    ("prune-channels: {allocation: even}", "unknown allocation 'even': choose one of uniform"),
+    ("prune-channels: {reconstruct: twice, calib: photos-calib}", "--reconstruct-mode: unknown mode 'twice'"),
+    ("prune-channels: {protect: [stem]}", "--protect: unknown role 'stem'"),
+    ("prune-heads: {min-ratio: 0.95}", "--min-ratio must be in [0, --max-ratio]"),
+    ("quantize: {mode: int4}", "--mode 'int4': choose from dynamic, qdq"),
+    ("drop-layers: {drop: 1, calib: nowhere.npz}", "--calib nowhere.npz: no such file"),
+])
+def test_dry_run_and_run_check_every_step_before_any_work(model, tmp_path, bad, named):
+    # The bad step comes second: the run fails before the first step's work, as the dry run does.
+    recipe = write(tmp_path, f"steps:\n  - prune-channels: {{ratio: 0.5, round-to: 1}}\n  - {bad}\n")
+    out = tmp_path / "out.onnx"
+    dry = invoke("run", model, "--recipe", recipe, "--dry-run")
+    real = invoke("run", model, "--recipe", recipe, "-o", out)
+    assert dry.exit_code == real.exit_code == 2, dry.output + real.output
+    assert dry.stdout == real.stdout == "" and dry.stderr == real.stderr  # the same sentence
+    assert dry.stderr.startswith("error: ") and dry.stderr.count("\n") == 1
+    assert f"recipe.yaml, step 2 ({bad.split(':')[0]}): " in dry.stderr and named in dry.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name, options", [
+    ("prune-channels", {}), ("prune-heads", {}), ("drop-layers", {"drop": 1}),
+    ("prune-experts", {"ratio": 0.5}),
+    ("prune-tokens", {"keep": ["0.5@1"]}), ("sparsify-activations", {"sparsity": 0.5}),
+    ("refit", {"calib": "photos-calib"}), ("quantize", {}),
+])
+def test_check_step_stops_every_pass_before_it_loads_the_model(tmp_path, name, options):
+    # A new pass: add it above.
+    assert set(PASSES_API) == {"prune-channels", "prune-heads", "drop-layers", "prune-experts",
+                               "prune-tokens", "sparsify-activations", "refit", "quantize"}
+    check_step(Step(name, options), tmp_path / "missing.onnx")  # no such model: nothing was loaded
 
 
 def test_cli_passes_lists_every_step_with_options():

@@ -18,8 +18,14 @@ median of those speedups is the "re-measured" column. Columns:
   checks         whole-model checks the plan needed; table = widths timed
   plan s         planning time (table + checks), seconds
 
+  fallbacks      the fallback rounds the plan ran (latency_plan.py, 4), each with what it measured;
+                 "-" when the first round reached S
+
 Usage: .venv/bin/python tools/target_speedup_zoo.py [--models a,b] [--speedup 1.5] [--provider cpu]
-       [--batch 16] [--threads 1] [--rounds 300] [--repeats 3] [--markdown PATH] [--json PATH]
+       [--batch 16] [--threads 1] [--units KINDS] [--rounds 300] [--repeats 3] [--markdown PATH]
+       [--json PATH]
+Without --units, optimize's default unit kinds are used as the CLI's are (the plan may add conv-group
+units); with it, the kinds given, and no others.
 About 10 minutes for the 14 models on 2 cores at the defaults.
 """
 
@@ -41,7 +47,6 @@ from rich.console import Console
 from rich.table import Table
 
 from graphprune import api
-from graphprune.analysis.groups import DEFAULT_KINDS
 from graphprune.bench import bench
 from graphprune.inputs import make_inputs
 from graphprune.latency_plan import ort_timer
@@ -71,13 +76,13 @@ def machine(provider: str, threads: int | None) -> str:
 
 
 def run_model(name: str, speedup: float, provider: str, batch: int, threads: int | None, rounds: int,
-              repeats: int, folder: Path, units: tuple[str, ...]) -> dict[str, Any]:
+              repeats: int, folder: Path, units: tuple[str, ...] | None) -> dict[str, Any]:
     path = zoo.export(name)
     shapes = {"input": (batch, *zoo.ZOO[name].input_shape[1:])}
     out = folder / f"{name}-x{speedup:g}.onnx"
     started = time.perf_counter()
     result = api.optimize(path, out, target_speedup=speedup, provider=provider, threads=threads,
-                          input_shapes=shapes, units=units)
+                          input_shapes=shapes, **({} if units is None else {"units": units}))
     seconds = time.perf_counter() - started
     record = result.settings["latency_plan"]
     speedups, paired = [], []
@@ -100,6 +105,8 @@ def run_model(name: str, speedup: float, provider: str, batch: int, threads: int
             "paired": statistics.median(paired), "paired_repeats": paired, "cpu_time": cpu_time,
             "macs": (result.before.macs, result.after.macs), "params": (result.before.params, result.after.params),
             "checks": len(record["iterations"]), "widths_timed": table_widths,
+            "fallbacks": [f"{r['fallback']} {r['measured_speedup']:.2f}x" for r in record["rounds"][1:]],
+            "first_round": record["rounds"][0]["measured_speedup"],
             "plan_seconds": record["seconds"].get("total", 0.0), "optimize_seconds": seconds,
             "iterations": [{k: it[k] for k in ("predicted_speedup", "measured_speedup", "kept")}
                            for it in record["iterations"]]}
@@ -121,17 +128,18 @@ def rows_for(results: list[dict[str, Any]]) -> list[list[str]]:
                      f"{low:.2f}-{high:.2f}", f"{r['paired']:.2f}x",
                      "-" if r["cpu_time"] is None else f"{r['cpu_time']:.2f}x", macs, params,
                      f"{r['checks']} ({r['widths_timed']})", f"{r['plan_seconds']:.0f}",
-                     "yes" if r["reached"] else "no"])
+                     "yes" if r["reached"] else "no",
+                     f"first {r['first_round']:.2f}x; " + ", ".join(r["fallbacks"]) if r["fallbacks"] else "-"])
     return rows
 
 
 HEADERS = ["model", "input", "requested", "planned", "re-measured", "range", "paired", "cpu-time", "MACs",
-           "params", "checks (table)", "plan s", "reached in plan"]
+           "params", "checks (table)", "plan s", "reached in plan", "fallbacks"]
 
 
 def markdown(results: list[dict[str, Any]], header: str) -> str:
     lines = [header, "", "| " + " | ".join(HEADERS) + " |",
-             "|" + "|".join("---" if i in (0, 1, 12) else "---:" for i in range(len(HEADERS))) + "|"]
+             "|" + "|".join("---" if i in (0, 1, 12, 13) else "---:" for i in range(len(HEADERS))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows_for(results)]
     lines += ["", *notes(results)]
     return "\n".join(lines) + "\n"
@@ -149,13 +157,13 @@ def notes(results: list[dict[str, Any]]) -> list[str]:
               help="Batch of the timed inputs (the zoo's spatial sizes are fixed by the export).")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="ONNX Runtime intra-op threads, for planning and re-measuring (0: ORT's default).")
-@click.option("--units", default=",".join(DEFAULT_KINDS), show_default=True,
-              help="Unit kinds to remove, as for `optimize --units`.")
+@click.option("--units", default=None,
+              help="Unit kinds to remove, as for `optimize --units`. [default: optimize's]")
 @click.option("--rounds", type=int, default=300, show_default=True, help="Rounds of each re-measurement.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Independent re-measurements.")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), help="Write the table here.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure here.")
-def main(models: str, speedup: float, provider: str, batch: int, threads: int, units: str, rounds: int,
+def main(models: str, speedup: float, provider: str, batch: int, threads: int, units: str | None, rounds: int,
          repeats: int, markdown_path: Path | None, json_path: Path | None) -> None:
     names = [m.strip() for m in models.split(",") if m.strip()]
     threads_used = threads or None
@@ -165,16 +173,19 @@ def main(models: str, speedup: float, provider: str, batch: int, threads: int, u
     with tempfile.TemporaryDirectory(prefix="target-speedup-") as folder:
         for name in names:
             results.append(run_model(name, speedup, provider, batch, threads_used, rounds, repeats, Path(folder),
-                                     tuple(u.strip() for u in units.split(",") if u.strip())))
+                                     None if units is None else tuple(u.strip() for u in units.split(",")
+                                                                      if u.strip())))
             r = results[-1]
             Console(stderr=True).print(f"{name}: planned {r['planned']:.2f}x, re-measured {r['remeasured']:.2f}x "
                                        f"({r['plan_seconds']:.0f} s); load {load_average()}")
     header += (f", {load_average()} at end; {time.perf_counter() - started:.0f} s in all. Command: "
                f"`tools/target_speedup_zoo.py --speedup {speedup:g} --provider {provider} --batch {batch} "
-               f"--threads {threads} --units {units} --rounds {rounds} --repeats {repeats}`")
+               f"--threads {threads}{'' if units is None else f' --units {units}'} --rounds {rounds} "
+               f"--repeats {repeats}`")
     table = Table(title=f"--target-speedup {speedup:g} on the zoo ({provider}, batch {batch})")
     for column in HEADERS:
-        table.add_column(column, justify="left" if column in ("model", "input", "reached in plan") else "right")
+        table.add_column(column, justify="left" if column in ("model", "input", "reached in plan", "fallbacks")
+                         else "right")
     for row in rows_for(results):
         table.add_row(*[cell.replace("**", "") for cell in row])
     Console().print(table)

@@ -1,0 +1,130 @@
+"""Per-channel statistics matching after pruning (stat_match.py)."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from oracle import assert_close, load, relative_error, run
+from test_reconstruct import _batches, _chain
+
+from graphprune import api
+from graphprune.errors import GraphpruneError
+from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass
+from graphprune.stat_match import _Moments
+
+SCALE = 0.2  # the removed unit is SCALE times the kept one
+
+
+def _rescaled(seed: int = 0) -> onnx.ModelProto:
+    """x -> conv1 (2 units; unit 1 = SCALE x unit 0, bias included) -> conv2 (1x1, reads both with
+    positive weights) -> relu -> conv3 -> y. Removing unit 1 turns each conv2 output channel into
+    s · (its value) + c exactly, with s > 0: a per-channel affine map that matching undoes."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(size=(1, 3, 3, 3))
+    b1 = rng.normal(size=1)
+    w1 = np.concatenate([w1, SCALE * w1])
+    b1 = np.concatenate([b1, SCALE * b1])
+    w2 = rng.uniform(0.5, 1.5, size=(4, 2, 1, 1))
+    w3 = rng.normal(size=(3, 4, 3, 3))
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
+             (("w1", w1), ("b1", b1), ("w2", w2), ("b2", rng.normal(size=4)), ("w3", w3), ("b3", rng.normal(size=3)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Conv", ["h1", "w2", "b2"], ["h2"], name="conv2"),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["y"], pads=[1, 1, 1, 1], name="conv3")]
+    graph = helper.make_graph(nodes, "rescaled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 6, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _prune(proto, **options):
+    """Prune with plain L2 at round-to 1; on _rescaled only conv1's units (conv2's group reads conv3)."""
+    if proto.graph.name == "rescaled":
+        options.setdefault("exclude", ("conv3",))
+    model = load(proto)
+    pruning = PruneChannelsPass(PruneChannelsConfig(round_to=1, criterion="l2", **options))
+    pruning(model)
+    return ir.to_proto(model), pruning
+
+
+# ---------- the oracle: a removal whose only effect is a per-channel affine map is undone exactly ----------
+
+
+@pytest.mark.parametrize("mode", ["moments", "regression"])
+def test_matching_undoes_a_per_channel_rescaling(mode):
+    proto = _rescaled()
+    calib = _batches(proto)
+    feeds = _batches(proto, count=1, size=5, seed=7)[0]
+    expected = run(proto, feeds)
+    matched, pruning = _prune(proto, ratio=0.5, calibration=calib, match_stats=mode)
+    assert [sorted(units) for units in pruning.plan.removed.values()] == [[1]]
+    report = pruning.matching
+    assert report.corrected == ["conv1", "conv2", "conv3"] and not report.skipped
+    assert report.passes == 3  # a chain: one stage per node
+    assert_close(expected, run(matched, feeds), rtol=1e-4)
+    # Plain slicing loses the removed unit's share; the bias-only correction cannot restore a scale.
+    plain, _ = _prune(proto, ratio=0.5)
+    sliced = relative_error(expected[0], run(plain, feeds)[0])
+    assert sliced > 0.05
+    mean_only, _ = _prune(proto, ratio=0.5, calibration=calib, match_stats="mean")
+    assert relative_error(expected[0], run(mean_only, feeds)[0]) > 0.2 * sliced
+
+
+def test_nothing_removed_changes_nothing():
+    proto = _rescaled()
+    calib = _batches(proto)
+    untouched, pruning = _prune(proto, ratio=0.0, calibration=calib, match_stats="moments")
+    assert pruning.matching is None
+    plain, _ = _prune(proto, ratio=0.0)
+    assert untouched.SerializeToString() == plain.SerializeToString()
+
+
+# ---------- regression mode never raises a node's calibration error --------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_regression_lowers_each_nodes_calibration_error(seed):
+    proto = _chain(seed)
+    calib = _batches(proto, count=3, size=8, seed=seed + 10)
+    _, pruning = _prune(proto, ratio=0.5, calibration=calib, match_stats="regression")
+    errors = pruning.matching.errors
+    assert set(errors) == {"conv0", "conv1", "conv2"}
+    for before, after in errors.values():
+        assert after <= before + 1e-9
+    assert errors["conv2"][1] < errors["conv2"][0]  # conv2 reads pruned inputs: a real correction
+
+
+def test_moments_give_the_dense_mean_and_spread():
+    rng = np.random.default_rng(0)
+    d = rng.normal(loc=[1.0, -2.0, 0.5], scale=[2.0, 0.5, 1.0], size=(500, 3))
+    p = 0.3 * d + rng.normal(scale=0.1, size=d.shape) + 4.0
+    m = _Moments(3)
+    m.add(p[:200], d[:200])
+    m.add(p[200:], d[200:])
+    s, c, before, after = m.fit("moments")
+    corrected = s * p + c
+    assert np.allclose(corrected.mean(0), d.mean(0)) and np.allclose(corrected.std(0), d.std(0))
+    assert after < before
+    s, c, _, after_regression = m.fit("regression")
+    assert after_regression <= after + 1e-12  # least squares is the lowest error of any affine map
+
+
+# ---------- options ------------------------------------------------------------------------------------
+
+
+def test_mode_is_checked_and_needs_calibration(tmp_path):
+    proto = _rescaled()
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    np.savez(tmp_path / "calib.npz", x=_batches(proto, count=1)[0]["x"])
+    with pytest.raises(GraphpruneError, match="match-stats"):
+        api.optimize(path, tmp_path / "out.onnx", ratio=0.5, round_to=1, calib=tmp_path / "calib.npz",
+                     match_stats="median")
+    with pytest.raises(GraphpruneError, match="calibration"):
+        api.optimize(path, tmp_path / "out.onnx", ratio=0.5, round_to=1, match_stats="moments")
+    assert not (tmp_path / "out.onnx").exists()
+    result = api.optimize(path, tmp_path / "out.onnx", ratio=0.5, round_to=1, calib=tmp_path / "calib.npz",
+                          match_stats="moments")
+    assert result.settings["stat_matching"]["mode"] == "moments"
+    assert result.settings["stat_matching"]["corrected"] == 3
