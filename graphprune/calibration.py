@@ -519,9 +519,11 @@ def collect_gram(model: ir.Model, requests: Sequence[GramKey], batches, *,
 
 
 def _run_with_outputs(model: ir.Model, names: Sequence[str], batches,
-                      progress: Callable[[int], None] | None) -> Iterator[dict[str, np.ndarray]]:
+                      progress: Callable[[int], None] | None, *, truncate: bool = False
+                      ) -> Iterator[dict[str, np.ndarray]]:
     """Run a copy of the model with ``names`` as extra outputs over every batch; yield those arrays
-    (graph inputs come from the feeds)."""
+    (graph inputs come from the feeds). ``truncate``: run only the nodes ``names`` need (ONNX Runtime
+    runs every node of a graph whatever outputs are asked for), for callers that read nothing else."""
     proto = ir.to_proto(model)
     inputs = {v.name for v in model.graph.inputs}
     declared = {o.name for o in proto.graph.output}
@@ -535,6 +537,8 @@ def _run_with_outputs(model: ir.Model, names: Sequence[str], batches,
         elem = value.dtype.value if value.dtype is not None else onnx.TensorProto.FLOAT
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
         declared.add(name)
+    if truncate:
+        _truncate(proto, set(names))
     session = make_session(proto, optimization="basic", label="the model with statistics outputs")
     fixed = _fixed_batch(session)
     done = 0
@@ -547,6 +551,29 @@ def _run_with_outputs(model: ir.Model, names: Sequence[str], batches,
             progress(done)
     if not done:
         raise GraphpruneError("the calibration data holds no samples.")
+
+
+def _truncate(proto: onnx.ModelProto, names: set[str]) -> None:
+    """Keep only the outputs in ``names`` and the nodes they depend on (in place). Left whole when a node
+    holds a subgraph, whose reads of outer values its inputs do not list."""
+    graph = proto.graph
+    kept_outputs = [o for o in graph.output if o.name in names]
+    if not kept_outputs:  # every name is a graph input (taken from the feeds): a session needs an output
+        return
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    needed, keep = set(names), []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    used = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(used)
 
 
 def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:

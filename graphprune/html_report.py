@@ -539,6 +539,17 @@ def _reconstruction(report: dict) -> str:
         out.append(_p(f"Bias compensation: {_num(comp.get('compensated'))} consumer(s) compensated, "
                       f"{len(comp.get('skipped') or [])} skipped."))
         out.append(_skipped(comp.get("skipped"), "consumer(s) not compensated"))
+    match = settings.get("stat_matching")
+    if isinstance(match, dict):
+        before, after = match.get("mean_relative_error_before"), match.get("mean_relative_error_after")
+        out.append(_table(
+            ["mode", "layers corrected", "skipped", "calibration passes", "mean rel. error before",
+             "mean rel. error after"],
+            [[match.get("mode", ""), _n(match.get("corrected")), _n(len(match.get("skipped") or [])),
+              _n(match.get("calibration_passes")), _n(before), _n(after)]],
+            "Statistics matching: each corrected layer's output channels against the dense model's on the "
+            "calibration data"))
+        out.append(_skipped(match.get("skipped"), "layer(s) not corrected"))
     return "".join(out)
 
 
@@ -557,7 +568,7 @@ def _settings(report: dict, kind: str) -> str:
     settings = report.get("settings")
     if not isinstance(settings, dict):
         return ""
-    shown = {k: v for k, v in settings.items() if k not in ("compensation", "reconstruction")}
+    shown = {k: v for k, v in settings.items() if k not in ("compensation", "reconstruction", "stat_matching")}
     if report.get("output"):
         shown["output"] = report["output"]
     rows = []

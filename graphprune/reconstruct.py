@@ -485,8 +485,8 @@ def reconstruct_sequential(g: DimGraph, dense: ir.Model, found: list[SequentialT
             continue
         report.passes += 1
         stats: dict[int, _Cross] = {}
-        pruned_runs = _run_with_outputs(g.model, [name for _, name in ready], calibration, progress)
-        dense_runs = _run_with_outputs(dense, [s.output for s, _ in ready], calibration, None)
+        pruned_runs = _run_with_outputs(g.model, [name for _, name in ready], calibration, progress, truncate=True)
+        dense_runs = _run_with_outputs(dense, [s.output for s, _ in ready], calibration, None, truncate=True)
         failed: dict[int, str] = {}
         for inputs, outputs in zip(pruned_runs, dense_runs):
             for i, (s, name) in enumerate(ready):

@@ -151,8 +151,8 @@ def match_statistics(g: DimGraph, dense: ir.Model, found: list[MatchTarget], rep
         names = [t.output for t in stage]
         moments: dict[int, _Moments] = {}
         failed: dict[int, str] = {}
-        pruned_runs = _run_with_outputs(g.model, names, calibration, progress)
-        dense_runs = _run_with_outputs(dense, names, calibration, None)
+        pruned_runs = _run_with_outputs(g.model, names, calibration, progress, truncate=True)
+        dense_runs = _run_with_outputs(dense, names, calibration, None, truncate=True)
         for pruned, reference in zip(pruned_runs, dense_runs):
             for i, t in enumerate(stage):
                 if i not in failed:

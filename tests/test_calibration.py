@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from oracle import assert_close, load, run
@@ -351,3 +352,29 @@ def test_compensation_makes_removing_constant_units_exact(kind):
     plain, _ = _prune(proto, criterion="flap", calibration=calib, compensate=False)
     error = np.abs(run(plain, feeds)[0] - expected[0]).max() / np.abs(expected[0]).max()
     assert error > 1e-2, "without compensation the constant units' removal should show"
+
+
+def test_truncated_runs_give_the_same_values_and_skip_the_rest(monkeypatch):
+    """Staged passes (sequential reconstruction, statistics matching) ask for early outputs only: the
+    truncated model must give the same arrays while running none of the nodes after them."""
+    from test_reconstruct import _batches, _chain
+
+    from graphprune import calibration
+
+    model = ir.from_proto(_chain(0))
+    batches = _batches(_chain(0), count=2, size=4)
+    built = []
+    real = calibration.make_session
+    monkeypatch.setattr(calibration, "make_session", lambda proto, **kw: built.append(proto) or real(proto, **kw))
+    full = list(calibration._run_with_outputs(model, ["c0"], batches, None))
+    cut = list(calibration._run_with_outputs(model, ["c0"], batches, None, truncate=True))
+    assert len(full) == len(cut) == 2
+    for a, b in zip(full, cut):
+        np.testing.assert_array_equal(a["c0"], b["c0"])
+    assert [n.name for n in built[0].graph.node] == ["conv0", "relu0", "conv1", "relu1", "conv2"]
+    assert [n.name for n in built[1].graph.node] == ["conv0"]
+    assert [o.name for o in built[1].graph.output] == ["c0"]
+    assert sorted(t.name for t in built[1].graph.initializer) == ["b0", "w0"]
+    # Only a graph input asked for (refit's first layer reads the model input): nothing to cut.
+    inputs_only = list(calibration._run_with_outputs(model, ["x"], batches, None, truncate=True))
+    np.testing.assert_array_equal(inputs_only[0]["x"], batches[0]["x"])

@@ -151,6 +151,17 @@ def test_sections_appear_only_with_their_data(optimized):
     assert "ort_bytes" in section(page, "other")
 
 
+def test_statistics_matching_is_shown_beside_reconstruction(optimized):
+    data = json.loads(optimized.read_text())
+    matching = {"mode": "moments", "corrected": 7, "skipped": [{"node": "fc9", "reason": "its bias is odd"}],
+                "mean_relative_error_before": 0.4321, "mean_relative_error_after": 0.1234, "calibration_passes": 5}
+    page = render_html({**data, "settings": {**data["settings"], "stat_matching": matching}})
+    shown = section(page, "reconstruction")
+    assert "Statistics matching" in shown and "moments" in shown
+    assert "0.4321" in shown and "0.1234" in shown and "its bias is odd" in shown
+    assert "stat_matching" not in section(page, "settings")
+
+
 def test_text_is_escaped_everywhere(optimized):
     data = json.loads(optimized.read_text())
     evil = '<script>alert("x")</script>&<b>'

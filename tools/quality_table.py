@@ -51,7 +51,9 @@ from graphprune.models import real
 # (label, criterion, compensation mode[, protect]) -- mode: "none" (no data), "bias" (FLAP bias
 # compensation), "reconstruct" (least-squares reconstruction of the consumers, one-shot; bias compensation
 # for the others), "sequential" (reconstruction fitted on the pruned model's own activations); protect:
-# api.optimize's ``protect`` roles ("res" in the label: residual streams left whole).
+# api.optimize's ``protect`` roles ("res" in the label: residual streams left whole); match:
+# api.optimize's ``match_stats`` ("+mm" in the label: per-channel mean and spread matched to the dense
+# model's after pruning, stat_match.py).
 CONFIGS = [
     ("l2", "l2", "none"),
     ("wanda-sp+bias", "wanda-sp", "bias"),
@@ -62,6 +64,10 @@ CONFIGS = [
     ("wanda-sp+rec/res", "wanda-sp", "reconstruct", ("residual",)),
     ("obs+rec/res", "obs", "reconstruct", ("residual",)),
     ("obs+seq/res", "obs", "sequential", ("residual",)),
+    ("wanda-sp+rec+mm", "wanda-sp", "reconstruct", (), "moments"),
+    ("flap+rec+mm", "flap", "reconstruct", (), "moments"),
+    ("obs+rec+mm", "obs", "reconstruct", (), "moments"),
+    ("wanda-sp+rec+mm/res", "wanda-sp", "reconstruct", ("residual",), "moments"),
 ]
 DEFAULT_CONFIGS = ("l2", "wanda-sp+bias", "wanda-sp+rec", "flap+bias", "flap+rec", "obs+rec")
 DEFAULT_MODELS = ("silero_vad", "magika", "ppocr_rec", "mobilenet_v2", "minilm")
@@ -247,7 +253,7 @@ def measure_model(name: str, targets: list[float], allocations: list[str], budge
                           "check": False, "allocation": allocation, "calib": calib if mode != "none" else None,
                           "compensate": mode != "none" if calib is not None else None,
                           "reconstruct": {"reconstruct": True, "sequential": "sequential"}.get(mode, False),
-                          "protect": more[0] if more else ()}
+                          "protect": more[0] if more else (), "match_stats": more[1] if len(more) > 1 else ""}
                 if spec.units is not None:
                     kwargs["units"] = spec.units
                 t0 = time.perf_counter()
