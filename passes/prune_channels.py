@@ -34,6 +34,7 @@ from graphprune.reconstruct import (
 from graphprune.report import GroupSummary, summarise_groups
 from graphprune.rewrite import apply_removal, cleanup, interface_changes
 from graphprune.sensitivity import measure_sensitivity
+from graphprune.staged import CACHE_BYTES
 from graphprune.stat_match import MatchReport, check_mode, match_statistics, match_targets
 
 
@@ -62,6 +63,7 @@ class PruneChannelsConfig(PlanConfig):
     reconstruct_max_features: int = MAX_FEATURES
     # per-channel statistics matching after pruning (stat_match.py): "", "mean", "moments", "regression"
     match_stats: str = ""
+    match_cache_bytes: int = CACHE_BYTES  # values kept between stages (0: each stage runs from the inputs)
     progress: Callable[[int], None] | None = None
     # allocation "sensitivity": probe share and calibration batches (sensitivity.py)
     probe_ratio: float = 0.5
@@ -158,7 +160,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
                                    progress=getattr(config, "progress", None))
         if matching:
             match_statistics(g, dense, matching, self.matching, calibration,
-                             progress=getattr(config, "progress", None))
+                             cache_bytes=getattr(config, "match_cache_bytes", CACHE_BYTES), progress=getattr(config, "progress", None))
         if sequential or matching:
             cleanup(model)
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))

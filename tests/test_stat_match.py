@@ -38,6 +38,31 @@ def _rescaled(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _residual(seed: int) -> onnx.ModelProto:
+    """conv0 -> relu -> conv1 -> relu -> conv2 -> + (relu0's output) -> relu -> conv3: the residual branch
+    crosses three stages, so a staged run must carry it in its cache."""
+    rng = np.random.default_rng(seed)
+    shapes = {"w0": (8, 3, 3, 3), "w1": (8, 8, 3, 3), "w2": (8, 8, 1, 1), "w3": (4, 8, 3, 3)}
+    inits = []
+    for name, shape in shapes.items():
+        inits.append(numpy_helper.from_array(rng.normal(scale=1 / np.sqrt(np.prod(shape[1:])), size=shape)
+                                             .astype(np.float32), name))
+        inits.append(numpy_helper.from_array(rng.normal(scale=0.1, size=shape[0]).astype(np.float32),
+                                             "b" + name[1:]))
+    pad = {"pads": [1, 1, 1, 1]}
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="conv0", **pad),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="conv1", **pad),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("Add", ["c2", "r0"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["y"], name="conv3", **pad)]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def _prune(proto, **options):
     """Prune with plain L2 at round-to 1; on _rescaled only conv1's units (conv2's group reads conv3)."""
     if proto.graph.name == "rescaled":
@@ -60,8 +85,9 @@ def test_matching_undoes_a_per_channel_rescaling(mode):
     matched, pruning = _prune(proto, ratio=0.5, calibration=calib, match_stats=mode)
     assert [sorted(units) for units in pruning.plan.removed.values()] == [[1]]
     report = pruning.matching
-    assert report.corrected == ["conv1", "conv2", "conv3"] and not report.skipped
-    assert report.passes == 3  # a chain: one stage per node
+    assert report.corrected == ["conv1", "conv2"]
+    assert [name for name, _ in report.skipped] == ["conv3"]  # the head: it computes the model's output
+    assert report.passes == 2  # a chain: one stage per node
     assert_close(expected, run(matched, feeds), rtol=1e-4)
     # Plain slicing loses the removed unit's share; the bias-only correction cannot restore a scale.
     plain, _ = _prune(proto, ratio=0.5)
@@ -89,10 +115,10 @@ def test_regression_lowers_each_nodes_calibration_error(seed):
     calib = _batches(proto, count=3, size=8, seed=seed + 10)
     _, pruning = _prune(proto, ratio=0.5, calibration=calib, match_stats="regression")
     errors = pruning.matching.errors
-    assert set(errors) == {"conv0", "conv1", "conv2"}
+    assert set(errors) == {"conv0", "conv1"}  # conv2 computes the output: a head, left alone
     for before, after in errors.values():
         assert after <= before + 1e-9
-    assert errors["conv2"][1] < errors["conv2"][0]  # conv2 reads pruned inputs: a real correction
+    assert errors["conv1"][1] < errors["conv1"][0]  # conv1 reads pruned inputs: a real correction
 
 
 def test_moments_give_the_dense_mean_and_spread():
@@ -127,4 +153,50 @@ def test_mode_is_checked_and_needs_calibration(tmp_path):
     result = api.optimize(path, tmp_path / "out.onnx", ratio=0.5, round_to=1, calib=tmp_path / "calib.npz",
                           match_stats="moments")
     assert result.settings["stat_matching"]["mode"] == "moments"
-    assert result.settings["stat_matching"]["corrected"] == 3
+    assert result.settings["stat_matching"]["corrected"] == 2
+
+
+# ---------- staged runs from cached values give what runs from the inputs give -----------------------------
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_cached_stages_match_runs_from_the_inputs(seed, monkeypatch):
+    """stat_match runs each stage from the values the last one left (staged.py); with the cache off it
+    runs the model from its inputs every time. Both must write the same model, and the cached one must
+    run each node about once per batch in all, not once per stage."""
+    from graphprune import staged
+
+    proto = _residual(seed)
+    calib = _batches(proto, count=3, size=4, seed=seed)
+    feeds = _batches(proto, count=1, size=5, seed=9)[0]
+    built = []
+    real = staged.make_session
+    monkeypatch.setattr(staged, "make_session", lambda model, **kw: built.append(model) or real(model, **kw))
+    cached, pruning = _prune(proto, ratio=0.5, calibration=calib, match_stats="moments")
+    uncached, _ = _prune(proto, ratio=0.5, calibration=calib, match_stats="moments", match_cache_bytes=0)
+    assert pruning.matching.passes == 3 and [n for n, _ in pruning.matching.skipped] == ["conv3"]
+    assert_close(run(uncached, feeds), run(cached, feeds), rtol=1e-4)
+    ran = [len(m.graph.node) for m in built]
+    nodes = len(proto.graph.node)
+    assert sum(ran) <= 2 * nodes  # pruned and dense: each node once
+    assert len(built) == 2 * pruning.matching.passes
+
+
+def test_heads_are_the_layers_nearest_the_outputs():
+    from graphprune.stat_match import _heads
+
+    w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    fc = numpy_helper.from_array(np.ones((4, 5), np.float32), "fc")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], name="classifier"),
+             helper.make_node("Softmax", ["logits"], ["probs"], name="softmax")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 5])], [w, fc])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert {n.name for n in _heads(model.graph)} == {"classifier"}
+    # A second output straight from the features makes the conv a head as well.
+    model.graph.outputs.append(next(n for n in model.graph if n.name == "relu").outputs[0])
+    assert {n.name for n in _heads(model.graph)} == {"classifier", "conv"}
