@@ -465,11 +465,18 @@ class _Cross:
 def reconstruct_sequential(g: DimGraph, dense: ir.Model, found: list[SequentialTarget], report:
                            ReconstructionReport, calibration: Iterable, *, damp: float = DAMP,
                            gram_bytes: int = GRAM_BYTES, max_stages: int = MAX_STAGES,
+                           cache_bytes: int | None = None,
                            progress: Callable[[int], None] | None = None) -> set[tuple[ir.Node, int]]:
     """Fit ``found`` (sequential_targets) on the sliced model ``g.model`` against ``dense`` (a copy of
-    the model before pruning); returns the weight uses rewritten."""
+    the model before pruning); returns the weight uses rewritten. Each stage runs from the values the
+    last one left (staged.StagedRunner, up to ``cache_bytes`` of them per model; 0: from the inputs):
+    a stage asks for its consumers' inputs, so the consumers themselves run, with their new weights,
+    in the next stage's part of the model."""
     from graphprune.calibration import _run_with_outputs
+    from graphprune.staged import CACHE_BYTES, StagedRunner
 
+    budget = CACHE_BYTES if cache_bytes is None else cache_bytes
+    pruned_runner, dense_runner = StagedRunner(calibration, budget), StagedRunner(calibration, budget)
     done: set[tuple[ir.Node, int]] = set()
     for stage in _stages(found, max_stages, gram_bytes):
         ready = []
@@ -485,8 +492,13 @@ def reconstruct_sequential(g: DimGraph, dense: ir.Model, found: list[SequentialT
             continue
         report.passes += 1
         stats: dict[int, _Cross] = {}
-        pruned_runs = _run_with_outputs(g.model, [name for _, name in ready], calibration, progress, truncate=True)
-        dense_runs = _run_with_outputs(dense, [s.output for s, _ in ready], calibration, None, truncate=True)
+        inputs, outputs = [name for _, name in ready], [s.output for s, _ in ready]
+        pruned_runs = pruned_runner.run(g.model, inputs, progress)
+        if pruned_runs is None:
+            pruned_runs = _run_with_outputs(g.model, inputs, calibration, progress, truncate=True)
+        dense_runs = dense_runner.run(dense, outputs)
+        if dense_runs is None:
+            dense_runs = _run_with_outputs(dense, outputs, calibration, None, truncate=True)
         failed: dict[int, str] = {}
         for inputs, outputs in zip(pruned_runs, dense_runs):
             for i, (s, name) in enumerate(ready):

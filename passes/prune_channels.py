@@ -63,7 +63,9 @@ class PruneChannelsConfig(PlanConfig):
     reconstruct_max_features: int = MAX_FEATURES
     # per-channel statistics matching after pruning (stat_match.py): "", "mean", "moments", "regression"
     match_stats: str = ""
-    match_cache_bytes: int = CACHE_BYTES  # values kept between stages (0: each stage runs from the inputs)
+    # staged passes (sequential reconstruction, statistics matching): values kept between stages per model
+    # (staged.py; 0: each stage runs the model from its inputs)
+    stage_cache_bytes: int = CACHE_BYTES
     progress: Callable[[int], None] | None = None
     # allocation "sensitivity": probe share and calibration batches (sensitivity.py)
     probe_ratio: float = 0.5
@@ -157,10 +159,11 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         if sequential is not None:
             reconstruct_sequential(g, dense, sequential, self.reconstruction, calibration,
                                    damp=config.reconstruct_damp, max_stages=config.reconstruct_stages,
+                                   cache_bytes=getattr(config, "stage_cache_bytes", CACHE_BYTES),
                                    progress=getattr(config, "progress", None))
         if matching:
             match_statistics(g, dense, matching, self.matching, calibration,
-                             cache_bytes=getattr(config, "match_cache_bytes", CACHE_BYTES), progress=getattr(config, "progress", None))
+                             cache_bytes=getattr(config, "stage_cache_bytes", CACHE_BYTES), progress=getattr(config, "progress", None))
         if sequential or matching:
             cleanup(model)
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))

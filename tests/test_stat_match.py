@@ -173,7 +173,7 @@ def test_cached_stages_match_runs_from_the_inputs(seed, monkeypatch):
     real = staged.make_session
     monkeypatch.setattr(staged, "make_session", lambda model, **kw: built.append(model) or real(model, **kw))
     cached, pruning = _prune(proto, ratio=0.5, calibration=calib, match_stats="moments")
-    uncached, _ = _prune(proto, ratio=0.5, calibration=calib, match_stats="moments", match_cache_bytes=0)
+    uncached, _ = _prune(proto, ratio=0.5, calibration=calib, match_stats="moments", stage_cache_bytes=0)
     assert pruning.matching.passes == 3 and [n for n, _ in pruning.matching.skipped] == ["conv3"]
     assert_close(run(uncached, feeds), run(cached, feeds), rtol=1e-4)
     ran = [len(m.graph.node) for m in built]
@@ -200,3 +200,20 @@ def test_heads_are_the_layers_nearest_the_outputs():
     # A second output straight from the features makes the conv a head as well.
     model.graph.outputs.append(next(n for n in model.graph if n.name == "relu").outputs[0])
     assert {n.name for n in _heads(model.graph)} == {"classifier", "conv"}
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_sequential_reconstruction_runs_cached_stages_too(seed):
+    """reconstruct_sequential asks each stage for its consumers' inputs through the same staged runner:
+    the consumers then run with their new weights in the next stage's part of the model, so the cached
+    and the from-the-inputs runs must write the same model."""
+    proto = _residual(seed)
+    calib = _batches(proto, count=3, size=4, seed=seed)
+    feeds = _batches(proto, count=1, size=5, seed=9)[0]
+    cached, pruning = _prune(proto, ratio=0.5, calibration=calib, reconstruct="sequential")
+    uncached, _ = _prune(proto, ratio=0.5, calibration=calib, reconstruct="sequential", stage_cache_bytes=0)
+    assert len(pruning.reconstruction.reconstructed) >= 2
+    assert_close(run(uncached, feeds), run(cached, feeds), rtol=1e-4)
+    plain, _ = _prune(proto, ratio=0.5)
+    assert relative_error(run(proto, feeds)[0], run(cached, feeds)[0]) < relative_error(
+        run(proto, feeds)[0], run(plain, feeds)[0])
