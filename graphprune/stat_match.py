@@ -94,8 +94,8 @@ def match_targets(g: DimGraph, removed: dict[int, np.ndarray], report: MatchRepo
         if node.op_type not in ("Conv", "Gemm") or (node, 1) not in g.params:
             continue
         if node in heads:
-            report.skipped.append((node.name, "it computes the model's output (a head), where no BatchNorm "
-                                              "sits whose statistics could be re-estimated"))
+            why = "it computes the model's output (a head), where no BatchNorm sits to re-estimate"
+            report.skipped.append((node.name, why))
             continue
         if not node.outputs or not node.outputs[0].name:
             report.skipped.append((node.name, "its output has no name to match in the dense model"))

@@ -37,39 +37,13 @@ def _cnn(seed: int = 0) -> onnx.ModelProto:
 
     Filters get distinct scales so L2 ranks units unambiguously.
     """
-    rng = np.random.default_rng(seed)
-    inits, nodes = [], []
-
-    def conv(name, x, cin, cout, k):
-        w = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
-        w *= rng.uniform(0.2, 2.0, size=(cout, 1, 1, 1)).astype(np.float32)
-        inits.extend([numpy_helper.from_array(w, f"{name}.w"),
-                      numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), f"{name}.b")])
-        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [name], name=name,
-                                      pads=[k // 2] * 4))
-        nodes.append(helper.make_node("Relu", [name], [f"{name}.relu"], name=f"{name}.relu"))
-        return f"{name}.relu"
-
-    h = conv("conv_a", "x", 3, 64, 3)
-    h = conv("conv_b", h, 64, 64, 3)
-    h = conv("conv_c", h, 64, 64, 3)
-    h = conv("conv_d", h, 64, 16, 1)
-    nodes.append(helper.make_node("GlobalAveragePool", [h], ["gap"], name="gap"))
-    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flat"))
-    inits.extend([numpy_helper.from_array(rng.standard_normal((10, 16)).astype(np.float32), "fc.w"),
-                  numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fc.b")])
-    nodes.append(helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["y"], name="fc", transB=1))
-    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    convs = [("conv_a", 3, 64, 3, 1), ("conv_b", 64, 64, 3, 1), ("conv_c", 64, 64, 3, 1), ("conv_d", 64, 16, 1, 1)]
+    return _chain(convs, 16, seed=seed, graph_name="cnn")
 
 
-def _chain(convs, fc_in: int) -> onnx.ModelProto:
+def _chain(convs, fc_in: int, seed: int = 0, graph_name: str = "chain") -> onnx.ModelProto:
     """x[N,3,8,8] -> convs (name, cin, cout, kernel, conv groups), each + relu -> GAP -> Gemm fc_in->10."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     inits, nodes, h = [], [], "x"
     for name, cin, cout, k, groups in convs:
         w = rng.standard_normal((cout, cin // groups, k, k)).astype(np.float32)
@@ -85,7 +59,7 @@ def _chain(convs, fc_in: int) -> onnx.ModelProto:
     inits.extend([numpy_helper.from_array(rng.standard_normal((10, fc_in)).astype(np.float32), "fc.w"),
                   numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fc.b")])
     nodes.append(helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["y"], name="fc", transB=1))
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+    graph = helper.make_graph(nodes, graph_name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

@@ -301,11 +301,16 @@ def test_sequential_is_never_worse_than_one_shot_on_a_chain(seed):
     assert errors["sequential"] <= errors[True] * (1 + 1e-6)
 
 
-def test_reconstruct_mode_is_checked_and_reported(tmp_path):
-    proto = _model("gemm")
-    path = tmp_path / "m.onnx"
+def saved_with_calibration(proto, folder):
+    """The model as m.onnx in ``folder`` and one batch of its calibration data as calib.npz there."""
+    path = folder / "m.onnx"
     onnx.save(proto, path)
-    np.savez(tmp_path / "calib.npz", x=_batches(proto, count=1)[0]["x"])
+    np.savez(folder / "calib.npz", x=_batches(proto, count=1)[0]["x"])
+    return path
+
+
+def test_reconstruct_mode_is_checked_and_reported(tmp_path):
+    path = saved_with_calibration(_model("gemm"), tmp_path)
     with pytest.raises(GraphpruneError, match="reconstruct-mode"):
         api.optimize(path, tmp_path / "out.onnx", ratio=0.25, round_to=1, calib=tmp_path / "calib.npz",
                      reconstruct="layer-wise")

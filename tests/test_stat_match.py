@@ -6,7 +6,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from oracle import assert_close, load, relative_error, run
-from test_reconstruct import _batches, _chain
+from test_reconstruct import _batches, _chain, saved_with_calibration
 
 from graphprune import api
 from graphprune.errors import GraphpruneError
@@ -140,10 +140,7 @@ def test_moments_give_the_dense_mean_and_spread():
 
 
 def test_mode_is_checked_and_needs_calibration(tmp_path):
-    proto = _rescaled()
-    path = tmp_path / "m.onnx"
-    onnx.save(proto, path)
-    np.savez(tmp_path / "calib.npz", x=_batches(proto, count=1)[0]["x"])
+    path = saved_with_calibration(_rescaled(), tmp_path)
     with pytest.raises(GraphpruneError, match="match-stats"):
         api.optimize(path, tmp_path / "out.onnx", ratio=0.5, round_to=1, calib=tmp_path / "calib.npz",
                      match_stats="median")
