@@ -70,8 +70,9 @@ from graphprune.latency import _feeds_for, compare_latency
 from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass, reconstruct_mode
 from graphprune.plan import GroupDecision, make_plan
 from graphprune.report import summarise_groups
-from graphprune.rewrite import apply_removal, interface_changes
+from graphprune.rewrite import apply_removal, cleanup, interface_changes
 from graphprune.runtime import ModelLike, first_line, make_session
+from graphprune.stat_match import MatchReport, match_statistics, match_targets
 from graphprune.verify import take_kept
 
 # Provider -> (preferred channel multiple, finest multiple for groups no larger than the preferred one).
@@ -379,9 +380,18 @@ class SpeedupPass(PruneChannelsPass):
                                  "group(s) of this model have")
         self.summaries = summarise_groups(g, self.groups, self.plan)
         self.resized = interface_changes(g, self.plan.removed)
+        # Statistics matching changes weights, not widths: the timed plan holds for the matched model.
+        matching = []
+        if getattr(config, "match_stats", "") and config.calibration is not None and self.plan.removed:
+            self.matching = MatchReport(config.match_stats)
+            matching = match_targets(g, self.plan.removed, self.matching)
         if config.compensate and self.stats is not None:
             self.compensation = compensate_bias(g, self.plan, self.stats)
         apply_removal(g, self.plan.removed)
+        if matching:
+            match_statistics(g, ir.from_proto(dense), matching, self.matching, config.calibration,
+                             cache_bytes=config.stage_cache_bytes, progress=config.progress)
+            cleanup(model)
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))
 
     def _fallback_candidates(self, g, probe, rng: np.random.Generator) -> list[tuple[GroupDecision, np.ndarray]]:

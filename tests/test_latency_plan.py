@@ -341,6 +341,26 @@ def test_api_reports_requested_measured_table_and_iterations(tmp_path, faked):
     assert all(it["round"] == 1 for it in record["iterations"]) and not record["units_given"]
 
 
+def test_statistics_matching_follows_the_timed_plan(tmp_path, faked):
+    """--match-stats with --target-speedup: the timed plan is kept (matching changes weights, not widths)
+    and the matched layers are reported."""
+    src = tmp_path / "cnn.onnx"
+    onnx.save(_cnn(), src)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(3).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    shapes = {"x": (2, 3, 8, 8)}
+    plain = api.optimize(src, tmp_path / "plain.onnx", target_speedup=1.5, input_shapes=shapes,
+                         calib=tmp_path / "calib.npz")
+    matched = api.optimize(src, tmp_path / "matched.onnx", target_speedup=1.5, input_shapes=shapes,
+                           calib=tmp_path / "calib.npz", match_stats="moments")
+    assert matched.plan.removed.keys() == plain.plan.removed.keys()
+    for root, units in plain.plan.removed.items():
+        np.testing.assert_array_equal(matched.plan.removed[root], units)
+    report = matched.settings["stat_matching"]
+    assert report["mode"] == "moments" and report["corrected"] >= 3  # conv_b, conv_c, conv_d (fc: the head)
+    assert [s["node"] for s in report["skipped"]] == ["fc"]
+    assert matched.verification is not None
+
+
 def test_cli_prints_requested_and_measured(tmp_path, faked):
     src = tmp_path / "cnn.onnx"
     onnx.save(_cnn(), src)
