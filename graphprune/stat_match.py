@@ -21,8 +21,9 @@ Nodes are corrected in topological order, a stage at a time (a stage holds nodes
 another's output), each on the pruned model as already corrected upstream. Each stage runs only the
 nodes between the last stage's outputs and its own, fed from a cache (staged.py), so all stages together
 cost about one run of each model over the calibration set. Only nodes downstream of a removal are touched. Grouped and depthwise
-convolutions are included (their output channels are still axis 0 of the weight). MatMul nodes have no
-bias slot and are left alone.
+convolutions are included (their output channels are still axis 0 of the weight). A MatMul is
+corrected where one Add of a constant per-channel bias reads it (a PyTorch Linear), matched on that
+Add's output; other MatMuls have no bias to shift and are left alone.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class MatchTarget:
     out_kept: np.ndarray | None  # kept output channels (None: all)
     weight_axis: int  # the weight's output-channel axis
     channel_axis: int  # the output's channel axis
+    bias: tuple[ir.Node, int] | None = None  # where the bias lives (None: the node's input 2)
 
 
 def check_mode(mode: str) -> str:
@@ -91,7 +93,7 @@ def match_targets(g: DimGraph, removed: dict[int, np.ndarray], report: MatchRepo
         if node not in sliced and not upstream:
             continue
         affected.add(node)
-        if node.op_type not in ("Conv", "Gemm") or (node, 1) not in g.params:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or (node, 1) not in g.params:
             continue
         if node in heads:
             why = "it computes the model's output (a head), where no BatchNorm sits to re-estimate"
@@ -104,6 +106,18 @@ def match_targets(g: DimGraph, removed: dict[int, np.ndarray], report: MatchRepo
             report.skipped.append((node.name, "its bias is not a constant"))
             continue
         use = g.params[(node, 1)]
+        if node.op_type == "MatMul":
+            bias = _matmul_bias(g, node)
+            if isinstance(bias, str):
+                report.skipped.append((node.name, bias))
+                continue
+            add, _ = bias
+            if not add.outputs[0].name:
+                report.skipped.append((node.name, "its bias Add's output has no name to match"))
+                continue
+            out_kept = g.space.kept_positions(use.axes[1], removed)
+            found.append(MatchTarget(node, add.outputs[0].name, out_kept, 1, -1, bias))
+            continue
         if node.op_type == "Conv":
             weight_axis, channel_axis = 0, 1
         else:
@@ -111,6 +125,21 @@ def match_targets(g: DimGraph, removed: dict[int, np.ndarray], report: MatchRepo
         out_kept = g.space.kept_positions(use.axes[weight_axis], removed)
         found.append(MatchTarget(node, node.outputs[0].name, out_kept, weight_axis, channel_axis))
     return found
+
+
+def _matmul_bias(g: DimGraph, node: ir.Node) -> tuple[ir.Node, int] | str:
+    """A MatMul's bias: the constant operand of the one Add that reads it (one value per output
+    channel), as PyTorch exports a Linear; else why there is none (an Add would have to be inserted)."""
+    weight = g.const(node.inputs[1])
+    if weight is None or weight.ndim != 2:
+        return "its weight is not a constant matrix"
+    uses = list(node.outputs[0].uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Add":
+        add, index = uses[0].node, 1 - uses[0].idx
+        bias = g.const(add.inputs[index])
+        if bias is not None and bias.size == weight.shape[1] and bias.shape[-1] == weight.shape[1]:
+            return add, index
+    return "MatMul without a constant bias Add after it"
 
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -264,7 +293,8 @@ def _write(g: DimGraph, t: MatchTarget, s: np.ndarray, c: np.ndarray) -> str:
         return f"its weight has {w.shape[t.weight_axis]} output channels, its output {len(s)}"
     shape = [1] * w.ndim
     shape[t.weight_axis] = len(s)
-    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+    bias_node, bias_index = t.bias or (node, 2)
+    bias_value = bias_node.inputs[bias_index] if len(bias_node.inputs) > bias_index else None
     if node.op_type == "Gemm":
         beta = float(attr(node, "beta", 1.0))
         if beta == 0.0:
@@ -272,7 +302,10 @@ def _write(g: DimGraph, t: MatchTarget, s: np.ndarray, c: np.ndarray) -> str:
     else:
         beta = 1.0
     if bias_value is not None:
-        bias = bias_value.const_value.numpy().astype(np.float64)
+        bias = g.const(bias_value)
+        if bias is None:
+            return "its bias is not a constant"
+        bias = bias.astype(np.float64)
         if bias.size == 1:
             bias = np.full(len(s), float(bias.reshape(-1)[0]))
         elif bias.shape[-1] != len(s) or bias.size != len(s):
@@ -282,8 +315,8 @@ def _write(g: DimGraph, t: MatchTarget, s: np.ndarray, c: np.ndarray) -> str:
         bias = np.zeros(len(s))
     new_bias = (s * bias + c) / beta
     _set_input(g, node, 1, (w.astype(np.float64) * s.reshape(shape)).astype(w.dtype), "matched")
-    dtype = bias_value.const_value.numpy().dtype if bias_value is not None else w.dtype
-    _set_input(g, node, 2, new_bias.astype(dtype), "matched_bias")
+    dtype = g.const(bias_value).dtype if bias_value is not None else w.dtype
+    _set_input(g, bias_node, bias_index, new_bias.astype(dtype), "matched_bias")
     return ""
 
 

@@ -63,10 +63,33 @@ def _residual(seed: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _rescaled_linear(seed: int = 0) -> onnx.ModelProto:
+    """_rescaled as PyTorch exports Linear layers: MatMul then Add of a bias, on [n, 6] rows."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(size=(6, 1))
+    b1 = rng.normal(size=1)
+    w1, b1 = np.concatenate([w1, SCALE * w1], 1), np.concatenate([b1, SCALE * b1])
+    arrays = {"w1": w1, "b1": b1, "w2": rng.uniform(0.5, 1.5, size=(2, 4)), "b2": rng.normal(size=4),
+              "w3": rng.normal(size=(4, 3)), "b3": rng.normal(size=3)}
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
+    nodes = []
+    source = "x"
+    for k in (1, 2, 3):
+        nodes += [helper.make_node("MatMul", [source, f"w{k}"], [f"m{k}"], name=f"mm{k}"),
+                  helper.make_node("Add", [f"m{k}", f"b{k}"], [f"h{k}" if k < 3 else "y"], name=f"add{k}")]
+        source = f"h{k}"
+        if k == 2:
+            nodes.append(helper.make_node("Relu", ["h2"], ["r2"], name="relu2"))
+            source = "r2"
+    graph = helper.make_graph(nodes, "rescaled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def _prune(proto, **options):
     """Prune with plain L2 at round-to 1; on _rescaled only conv1's units (conv2's group reads conv3)."""
     if proto.graph.name == "rescaled":
-        options.setdefault("exclude", ("conv3",))
+        options.setdefault("exclude", ("conv3", "mm3"))
     model = load(proto)
     pruning = PruneChannelsPass(PruneChannelsConfig(round_to=1, criterion="l2", **options))
     pruning(model)
@@ -95,6 +118,20 @@ def test_matching_undoes_a_per_channel_rescaling(mode):
     assert sliced > 0.05
     mean_only, _ = _prune(proto, ratio=0.5, calibration=calib, match_stats="mean")
     assert relative_error(expected[0], run(mean_only, feeds)[0]) > 0.2 * sliced
+
+
+def test_a_linear_layers_bias_add_takes_the_shift():
+    """MatMul + Add (a PyTorch Linear): matched on the Add's output, the shift goes into the Add's bias."""
+    proto = _rescaled_linear()
+    calib = _batches(proto)
+    feeds = _batches(proto, count=1, size=5, seed=7)[0]
+    matched, pruning = _prune(proto, ratio=0.5, calibration=calib, match_stats="moments")
+    assert [sorted(units) for units in pruning.plan.removed.values()] == [[1]]
+    assert pruning.matching.corrected == ["mm1", "mm2"]
+    assert [name for name, _ in pruning.matching.skipped] == ["mm3"]  # the head
+    assert_close(run(proto, feeds), run(matched, feeds), rtol=1e-4)
+    plain, _ = _prune(proto, ratio=0.5)
+    assert relative_error(run(proto, feeds)[0], run(plain, feeds)[0]) > 0.05
 
 
 def test_nothing_removed_changes_nothing():
