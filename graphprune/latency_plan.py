@@ -72,7 +72,6 @@ from graphprune.plan import GroupDecision, make_plan
 from graphprune.report import summarise_groups
 from graphprune.rewrite import apply_removal, cleanup, interface_changes
 from graphprune.runtime import ModelLike, first_line, make_session
-from graphprune.stat_match import MatchReport, match_statistics, match_targets
 from graphprune.verify import take_kept
 
 # Provider -> (preferred channel multiple, finest multiple for groups no larger than the preferred one).
@@ -381,16 +380,12 @@ class SpeedupPass(PruneChannelsPass):
         self.summaries = summarise_groups(g, self.groups, self.plan)
         self.resized = interface_changes(g, self.plan.removed)
         # Statistics matching changes weights, not widths: the timed plan holds for the matched model.
-        matching = []
-        if getattr(config, "match_stats", "") and config.calibration is not None and self.plan.removed:
-            self.matching = MatchReport(config.match_stats)
-            matching = match_targets(g, self.plan.removed, self.matching)
+        matching = self.matching_targets(g)
         if config.compensate and self.stats is not None:
             self.compensation = compensate_bias(g, self.plan, self.stats)
         apply_removal(g, self.plan.removed)
         if matching:
-            match_statistics(g, ir.from_proto(dense), matching, self.matching, config.calibration,
-                             cache_bytes=config.stage_cache_bytes, progress=config.progress)
+            self.match(g, ir.from_proto(dense), matching)
             cleanup(model)
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))
 

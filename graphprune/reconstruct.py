@@ -472,7 +472,6 @@ def reconstruct_sequential(g: DimGraph, dense: ir.Model, found: list[SequentialT
     last one left (staged.StagedRunner, up to ``cache_bytes`` of them per model; 0: from the inputs):
     a stage asks for its consumers' inputs, so the consumers themselves run, with their new weights,
     in the next stage's part of the model."""
-    from graphprune.calibration import _run_with_outputs
     from graphprune.staged import CACHE_BYTES, StagedRunner
 
     budget = CACHE_BYTES if cache_bytes is None else cache_bytes
@@ -494,11 +493,7 @@ def reconstruct_sequential(g: DimGraph, dense: ir.Model, found: list[SequentialT
         stats: dict[int, _Cross] = {}
         inputs, outputs = [name for _, name in ready], [s.output for s, _ in ready]
         pruned_runs = pruned_runner.run(g.model, inputs, progress)
-        if pruned_runs is None:
-            pruned_runs = _run_with_outputs(g.model, inputs, calibration, progress, truncate=True)
         dense_runs = dense_runner.run(dense, outputs)
-        if dense_runs is None:
-            dense_runs = _run_with_outputs(dense, outputs, calibration, None, truncate=True)
         failed: dict[int, str] = {}
         for inputs, outputs in zip(pruned_runs, dense_runs):
             for i, (s, name) in enumerate(ready):

@@ -10,8 +10,8 @@ writes into the layer's weights) go into the cache with ``update``. Over all sta
 per batch.
 
 The cache holds those crossing values for the whole calibration set; past ``budget`` bytes (or with a
-control-flow subgraph, whose reads of outer values its node does not list) ``run`` returns None and the
-caller falls back to running the model from its inputs.
+control-flow subgraph, whose reads of outer values its node does not list) the runner drops it and runs
+each later stage from the model's inputs, as far as that stage's outputs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphprune.calibration import _split, shared_static_extent
+from graphprune.calibration import _run_with_outputs, _split, shared_static_extent
 from graphprune.errors import GraphpruneError
 from graphprune.runtime import make_session, run_session
 
@@ -41,16 +41,21 @@ class StagedRunner:
         self.failed = budget <= 0
 
     def run(self, model: ir.Model, names: Sequence[str],
-            progress: Callable[[int], None] | None = None) -> list[dict[str, np.ndarray]] | None:
-        """Per calibration chunk, the arrays of ``names`` on the model as it is now; None when the cache
-        cannot be used (the caller then runs the whole model)."""
-        if self.failed:
-            return None
+            progress: Callable[[int], None] | None = None) -> Iterable[dict[str, np.ndarray]]:
+        """Per calibration chunk, the arrays of ``names`` on the model as it is now: from the cache where
+        it can be used, else from the model's inputs, as far as ``names``."""
+        found = None if self.failed else self._from_cache(model, names, progress)
+        if found is None:
+            self.failed, self.cache = True, {}
+            return _run_with_outputs(model, names, self.batches, progress, truncate=True)
+        return found
+
+    def _from_cache(self, model: ir.Model, names: Sequence[str],
+                    progress: Callable[[int], None] | None) -> list[dict[str, np.ndarray]] | None:
         proto = ir.to_proto(model)
         graph = proto.graph
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                for node in graph.node for a in node.attribute):
-            self.failed = True
             return None
         if self.chunks is None:
             self.chunks = self._chunks(graph)
@@ -69,39 +74,28 @@ class StagedRunner:
             if i in segment:
                 continue
             if i in self.done:  # computed before and not kept: the cache lost track of a value
-                self.failed = True
                 return None
             segment.add(i)
             stack.extend(graph.node[i].input)
-        done = self.done | segment
-        # What this segment produces that a node still to run reads, besides what was asked for.
-        wanted = set(names)
-        for i, node in enumerate(graph.node):
-            if i not in done:
-                wanted.update(v for v in node.input if v and producer.get(v) in segment)
-        outputs = [v for v in dict.fromkeys(names) if producer.get(v) in segment] + sorted(
-            v for v in wanted - set(names) if producer.get(v) in segment)
+        self.done |= segment
+        # Values the nodes still to run read: what this segment must hand on, and what the cache keeps.
+        later = {v for i, node in enumerate(graph.node) if i not in self.done for v in node.input if v}
+        outputs = [v for v in dict.fromkeys([*names, *sorted(later)]) if producer.get(v) in segment]
         results = self._run_segment(proto, segment, outputs, progress) if outputs else [{} for _ in self.chunks]
-        self.done = done
         for name in outputs:
-            if name in wanted - set(names) or self._read_later(graph, name, producer, done):
+            if name in later:
                 self.cache[name] = [r[name] for r in results]
-        for name in list(self.cache):  # drop values every reader of which has run
-            if not self._read_later(graph, name, producer, done):
-                del self.cache[name]
+        self.cache = {name: arrays for name, arrays in self.cache.items() if name in later}
+        found = [{name: result[name] if name in result else self.cache[name][k] if name in self.cache else chunk[name]
+                  for name in names} for k, (chunk, result) in enumerate(zip(self.chunks, results))]
         if sum(a.nbytes for arrays in self.cache.values() for a in arrays) > self.budget:
-            self.failed = True
-        return [{name: result[name] if name in result else self.cache[name][k] if name in self.cache else chunk[name]
-                 for name in names} for k, (chunk, result) in enumerate(zip(self.chunks, results))]
+            self.failed, self.cache = True, {}
+        return found
 
     def update(self, name: str, change: Callable[[np.ndarray], np.ndarray]) -> None:
         """Apply ``change`` to a cached value (the caller changed the weights that produce it)."""
         if name in self.cache:
             self.cache[name] = [change(a) for a in self.cache[name]]
-
-    @staticmethod
-    def _read_later(graph: onnx.GraphProto, name: str, producer: dict[str, int], done: set[int]) -> bool:
-        return any(name in node.input for i, node in enumerate(graph.node) if i not in done)
 
     def _chunks(self, graph: onnx.GraphProto) -> list[dict[str, np.ndarray]]:
         leading = []

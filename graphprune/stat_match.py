@@ -36,7 +36,6 @@ import onnx_ir as ir
 
 from graphprune.analysis.graph import DimGraph
 from graphprune.analysis.rules.base import attr
-from graphprune.calibration import _run_with_outputs
 from graphprune.errors import GraphpruneError
 from graphprune.reconstruct import _depends
 from graphprune.staged import CACHE_BYTES, StagedRunner
@@ -213,11 +212,7 @@ def match_statistics(g: DimGraph, dense: ir.Model, found: list[MatchTarget], rep
         moments: dict[int, _Moments] = {}
         failed: dict[int, str] = {}
         pruned_runs = pruned_runner.run(g.model, names, progress)
-        if pruned_runs is None:  # no cache: from the inputs, as far as these outputs
-            pruned_runs = _run_with_outputs(g.model, names, calibration, progress, truncate=True)
         dense_runs = dense_runner.run(dense, names)
-        if dense_runs is None:
-            dense_runs = _run_with_outputs(dense, names, calibration, None, truncate=True)
         for pruned, reference in zip(pruned_runs, dense_runs):
             for i, t in enumerate(stage):
                 if i not in failed:

@@ -35,7 +35,7 @@ from graphprune.report import GroupSummary, summarise_groups
 from graphprune.rewrite import apply_removal, cleanup, interface_changes
 from graphprune.sensitivity import measure_sensitivity
 from graphprune.staged import CACHE_BYTES
-from graphprune.stat_match import MatchReport, check_mode, match_statistics, match_targets
+from graphprune.stat_match import MatchReport, MatchTarget, check_mode, match_statistics, match_targets
 
 
 @dataclass
@@ -105,6 +105,21 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         if config.criterion in GRAM_CRITERIA:
             self.grams = collect_obs_blocks(model, g, pruned, calibration, progress=progress)
 
+    def matching_targets(self, g: DimGraph) -> list[MatchTarget]:
+        """Before slicing: the layers statistics matching will correct (none when it is off)."""
+        mode = getattr(self.config, "match_stats", "")
+        if not mode or getattr(self.config, "calibration", None) is None or not self.plan.removed:
+            return []
+        self.matching = MatchReport(mode)
+        return match_targets(g, self.plan.removed, self.matching)
+
+    def match(self, g: DimGraph, dense: ir.Model, targets: list[MatchTarget]) -> None:
+        """After slicing: correct ``targets`` (matching_targets) towards ``dense``, the model before."""
+        config = self.config
+        match_statistics(g, dense, targets, self.matching, config.calibration,
+                         cache_bytes=getattr(config, "stage_cache_bytes", CACHE_BYTES),
+                         progress=getattr(config, "progress", None))
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = build_dim_graph(model)
         self.groups = find_groups(g)
@@ -140,10 +155,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         dense = None
         if self.plan.removed and (mode == "sequential" or match_mode):
             dense = ir.from_proto(ir.to_proto(model))  # before compensation and slicing
-        matching = []
-        if match_mode and self.plan.removed:
-            self.matching = MatchReport(match_mode)
-            matching = match_targets(g, self.plan.removed, self.matching)
+        matching = self.matching_targets(g)
         sequential = None
         if mode == "one-shot":
             self.reconstruction, reconstructed = reconstruct_consumers(
@@ -162,8 +174,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
                                    cache_bytes=getattr(config, "stage_cache_bytes", CACHE_BYTES),
                                    progress=getattr(config, "progress", None))
         if matching:
-            match_statistics(g, dense, matching, self.matching, calibration,
-                             cache_bytes=getattr(config, "stage_cache_bytes", CACHE_BYTES), progress=getattr(config, "progress", None))
+            self.match(g, dense, matching)
         if sequential or matching:
             cleanup(model)
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))
