@@ -8,6 +8,7 @@ model of each round rotates), so machine drift and noise hit both models alike.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,17 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "xnnpack": ("XnnpackExecutionProvider", "an onnxruntime build with XNNPACK"),
     "cann": ("CANNExecutionProvider", "onnxruntime-cann instead of onnxruntime"),
 }
+
+
+def cpu_name(default: str = "unknown") -> str:
+    """The processor's model name from /proc/cpuinfo (for benchmark footers), or ``default``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return default
 
 
 def parse_providers(text: str | Sequence[str]) -> list[str]:

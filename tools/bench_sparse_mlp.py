@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from rich.table import Table
 
+from graphprune.bench import cpu_name
 from graphprune.runtime_ops.sparse_mlp import MLPWeights, Selection, SparseMLPConfig, sparse_mlp_model
 from graphprune.runtime_ops.sparse_mlp_kernel import SparseMLPKernel, available
 
@@ -111,8 +112,7 @@ def interleaved(runs: dict[str, Callable[[np.ndarray], object]], pool: np.ndarra
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_name(platform.processor())
     load = os.getloadavg()
     return (f"{cpu}, nproc {os.cpu_count()}, onnxruntime {ort.__version__}, numpy {np.__version__}; "
             f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

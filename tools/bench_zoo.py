@@ -42,6 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphprune import api
+from graphprune.bench import cpu_name
 from graphprune.cli import DEFAULTS
 from graphprune.errors import GraphpruneError
 from graphprune.inputs import input_specs, make_inputs
@@ -461,14 +462,7 @@ def markdown_table(bench: Bench, ratios: list[float]) -> list[str]:
 def machine(threads: int) -> str:
     import onnxruntime as ort
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     isa = "AVX-512F" if nchwc_block() == 16 else "no AVX-512"
     return (f"CPU: {cpu} ({isa}), {os.cpu_count()} logical CPUs; onnxruntime {ort.__version__} "
             f"(CPUExecutionProvider, graph optimisation level 'all'); {threads} intra-op thread(s); "

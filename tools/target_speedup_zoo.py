@@ -47,7 +47,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphprune import api
-from graphprune.bench import bench
+from graphprune.bench import bench, cpu_name
 from graphprune.inputs import make_inputs
 from graphprune.latency_plan import ort_timer
 from graphprune.models import zoo
@@ -63,14 +63,7 @@ def load_average() -> str:
 def machine(provider: str, threads: int | None) -> str:
     import onnxruntime as ort
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return (f"CPU: {cpu}, {os.cpu_count()} logical CPUs; onnxruntime {ort.__version__}, provider {provider}; "
             f"{threads or 'default'} intra-op thread(s); date {datetime.datetime.now():%Y-%m-%d %H:%M}")
 
