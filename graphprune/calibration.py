@@ -44,34 +44,55 @@ EXTENSIONS = (".npz", ".npy")
 # ---------- named datasets ----------------------------------------------------------------------
 
 
-def _photos(part: str) -> Callable[..., Iterator[Feeds]]:
+def _photos(part: str, natural: bool = False) -> Callable[..., Iterator[Feeds]]:
     """ImageNet-normalised photo crops (models/photos.py); parts split by photo, not by crop.
 
     ``calib``: the photos at even positions of the sorted photo list (all their views), ``eval``: the odd
     ones, ``all``: every crop. Views of one photo never fall on both sides of the split. The crops take the
     model input's layout and size where its shape says them: NCHW or NHWC (the axis of extent 3 is the
     colour axis), height and width when static (224 x 224 otherwise).
+
+    ``natural``: the natural (GCompris) photos split the same way; their ``calib`` part comes after the
+    ``photos-calib`` crops, their ``eval`` part stands alone.
     """
+    dataset = f"natural-{part}" if natural else "photos"
 
     def batches(input_names: Sequence[str], batch_size: int,
                 shapes: Mapping[str, Sequence] | None = None) -> Iterator[Feeds]:
         try:
             from graphprune.models.photos import VIEWS, imagenet_batch
         except ImportError as exc:  # scikit-image is a dev dependency
-            raise GraphpruneError(f"the 'photos' calibration set needs scikit-image ({exc}).") from exc
+            raise GraphpruneError(f"the '{dataset}' calibration set needs scikit-image ({exc}).") from exc
         if len(input_names) != 1:
-            raise GraphpruneError(f"the 'photos' calibration set feeds a single image input; the model has "
+            raise GraphpruneError(f"the '{dataset}' calibration set feeds a single image input; the model has "
                                   f"{len(input_names)} inputs ({', '.join(input_names)}).")
         name = input_names[0]
-        channels_last, size = image_layout(name, (shapes or {}).get(name))
-        rows = photo_rows(part, len(VIEWS))
-        images = imagenet_batch(size, VIEWS)[rows]
+        channels_last, size = image_layout(name, (shapes or {}).get(name), dataset)
+        if not natural:
+            images = imagenet_batch(size, VIEWS)[photo_rows(part, len(VIEWS))]
+        elif part == "calib":
+            images = np.concatenate([imagenet_batch(size, VIEWS)[photo_rows("calib", len(VIEWS))],
+                                     _natural_part("calib", size, dataset)])
+        else:
+            images = _natural_part(part, size, dataset)
         if channels_last:
             images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
         for start in range(0, len(images), batch_size):
             yield {name: images[start : start + batch_size]}
 
     return batches
+
+
+def _natural_part(part: str, size: tuple[int, int], dataset: str) -> np.ndarray:
+    """The natural photos' crops of one part: even photos for calib, odd ones for eval."""
+    from graphprune.models.photos import NATURAL_VIEWS, natural_batch
+
+    images = natural_batch(size, NATURAL_VIEWS)
+    if not len(images):
+        raise GraphpruneError(f"the '{dataset}' set needs the GCompris photos, which are not in the cache: "
+                              "run `python tools/fetch_models.py` (needs the Debian archive once).")
+    photo = np.repeat(np.arange(len(images) // len(NATURAL_VIEWS)), len(NATURAL_VIEWS))
+    return images[photo % 2 == (0 if part == "calib" else 1)]
 
 
 def _imagenet_samples(input_names: Sequence[str], batch_size: int,
@@ -129,6 +150,8 @@ DATASETS: dict[str, Callable[[Sequence[str], int], Iterator[Feeds]]] = {
     "photos": _photos("all"),
     "photos-calib": _photos("calib"),
     "photos-eval": _photos("eval"),
+    "natural-calib": _photos("calib", natural=True),  # photos-calib + the even natural photos
+    "natural-eval": _photos("eval", natural=True),  # the odd natural photos: held out from natural-calib
     "imagenet-samples": _imagenet_samples,  # evaluation only: see _imagenet_samples
 }
 

@@ -18,6 +18,9 @@ model's predictions agree with the dense one's. Data never comes from the networ
 - ``mobilenet_v2_imagenet``: true top-1/top-5 accuracy against the labels of foolbox's 20 ImageNet sample
   photos (models.real.imagenet_samples; center crops), and top-1/top-5 agreement with the dense export.
   Evaluation only: never calibrate on these 20 images (calibrate on ``photos-calib``).
+- ``mobilenet_v2_natural``: top-1/top-5 agreement with the dense export on the held-out natural photos
+  (``natural-eval``: the odd half of GCompris's 253 photographs, center crop and mirror, 252 crops).
+  Calibrate on ``natural-calib``, which holds the other half.
 
 See docs/evaluators.md for the dense numbers.
 """
@@ -145,6 +148,29 @@ def _mobilenet_agree(dense: np.ndarray, pruned: np.ndarray) -> dict[str, float]:
     from .imagenet_eval import topk_agreement
 
     return topk_agreement(dense, pruned, (1, 5))
+
+
+@lru_cache(maxsize=1)
+def _natural_images() -> np.ndarray:
+    """The natural-eval crops (calibration.DATASETS), never the natural-calib ones."""
+    from graphprune.calibration import DATASETS
+
+    return np.concatenate([feeds["input"] for feeds in DATASETS["natural-eval"](["input"], 64)])
+
+
+@lru_cache(maxsize=1)
+def _natural_reference() -> np.ndarray:
+    from .imagenet_eval import run_onnx
+
+    return run_onnx(_mobilenet_dense(), _natural_images())
+
+
+def _mobilenet_natural_run(path: str) -> tuple[dict[str, float], np.ndarray]:
+    from .imagenet_eval import run_onnx, topk_agreement
+
+    logits = run_onnx(path, _natural_images())
+    agreement = topk_agreement(_natural_reference(), logits, (1, 5))
+    return {"top1": agreement["top1"], "top5": agreement["top5"], "images": float(len(logits))}, logits
 
 
 def _mobilenet_imagenet_run(path: str) -> tuple[dict[str, float], np.ndarray]:
@@ -591,6 +617,10 @@ SECOND_EVALUATORS: dict[str, Evaluator] = {
                   "sample photos (evaluation only, never calibration data)",
                   "top1", True, ("mobilenet_v2_weights", "foolbox"), _mobilenet_dense, _mobilenet_imagenet_run,
                   _mobilenet_agree),
+        Evaluator("mobilenet_v2_natural", "top-1/top-5 agreement with the dense MobileNetV2 on the held-out natural "
+                  "photo crops (natural-eval; calibrate on natural-calib)",
+                  "top1", True, ("mobilenet_v2_weights", "gcompris-photos"), _mobilenet_dense,
+                  _mobilenet_natural_run, _mobilenet_agree),
     )
 }
 

@@ -12,6 +12,12 @@ silhouette, checkerboard, phantom) and the 25x25 lfw faces are left out.
 Each photo gives several views (center crop, its mirror, two off-center crops), 80 images by default, so
 top-1 agreement between a dense and a pruned model is measured in steps of ~1.3% rather than 5%.
 There are no ImageNet labels here: use these for agreement with the dense model, never for accuracy.
+
+A second, larger set, the *natural* photos: the 253 colour photographs inside Debian's gcompris-qt-data
+(tools, objects, animals, fish, monuments, landscapes, musicians), available once tools/fetch_models.py
+has extracted them. Unlike the set above, which mixes in microscopy, text pages, textures and the night
+sky, every one of them shows what an ImageNet classifier is built for; they give two views each (center
+crop and its mirror).
 """
 
 from __future__ import annotations
@@ -118,14 +124,19 @@ def _crop(img: np.ndarray, height: int, width: int, view: str) -> np.ndarray:
     return out[:, ::-1] if view == "flip" else out
 
 
-@lru_cache(maxsize=8)
-def _batch(height: int, width: int, views: tuple[str, ...]) -> np.ndarray:
+def _crops(photos: tuple[tuple[str, np.ndarray], ...], height: int, width: int,
+           views: tuple[str, ...]) -> np.ndarray:
     crops = []
-    for _name, img in _photos():
+    for _name, img in photos:
         resized = _resize_cover(img, height, width)
         crops += [_crop(resized, height, width, view) for view in views]
     batch = (np.stack(crops) - IMAGENET_MEAN) / IMAGENET_STD
     return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+@lru_cache(maxsize=8)
+def _batch(height: int, width: int, views: tuple[str, ...]) -> np.ndarray:
+    return _crops(_photos(), height, width, views)
 
 
 def imagenet_batch(size: int | tuple[int, int] = 224, views: tuple[str, ...] = VIEWS) -> np.ndarray:
@@ -138,3 +149,39 @@ def imagenet_batch(size: int | tuple[int, int] = 224, views: tuple[str, ...] = V
 def batch_names(views: tuple[str, ...] = VIEWS) -> list[str]:
     """Row labels of imagenet_batch, e.g. 'chelsea/center'."""
     return [f"{name}/{view}" for name, _img in _photos() for view in views]
+
+
+# ---------- the natural photos (GCompris) ----------------------------------------------------------------
+
+NATURAL_VIEWS = ("center", "flip")
+
+
+@lru_cache(maxsize=1)
+def _natural() -> tuple[tuple[str, np.ndarray], ...]:
+    from PIL import Image
+
+    from graphprune.models.real import gcompris_photos_dir
+
+    photos = []
+    for path in sorted(gcompris_photos_dir().glob("*.webp")):
+        with Image.open(path) as img:
+            photos.append(("gcompris_" + path.stem, np.asarray(img.convert("RGB"))))
+    return tuple(photos)
+
+
+def load_natural_photos() -> dict[str, np.ndarray]:
+    """The natural photos as HxWx3 uint8 arrays, keyed by name, sorted; empty until fetched."""
+    return {name: img.copy() for name, img in _natural()}
+
+
+@lru_cache(maxsize=4)
+def _natural_batch(height: int, width: int, views: tuple[str, ...]) -> np.ndarray:
+    return _crops(_natural(), height, width, views)
+
+
+def natural_batch(size: int | tuple[int, int] = 224, views: tuple[str, ...] = NATURAL_VIEWS) -> np.ndarray:
+    """[N, 3, H, W] float32 crops of the natural photos, as imagenet_batch; [0, 3, H, W] until fetched."""
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if not _natural():
+        return np.zeros((0, 3, height, width), dtype=np.float32)
+    return _natural_batch(height, width, tuple(views)).copy()

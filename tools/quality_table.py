@@ -19,6 +19,9 @@ evaluation data where the data source allows it:
   different rendering noise (seed 2).
 - mobilenet_v2: the named set ``photos-calib`` (the even photos); the evaluator scores the held-out odd
   photos (``photos-eval``).
+- mobilenet_v2_natural (``--models mobilenet_v2_natural``, needs the GCompris photos of
+  tools/fetch_models.py): the named set ``natural-calib`` (``photos-calib`` plus the even GCompris photos);
+  the evaluator scores the held-out odd GCompris photos (``natural-eval``).
 - minilm: single words and packed sentences of gensim's Pang & Lee test data (models/minilm.py
   write_calibration), none of them an evaluation text; the evaluation sets are word pairs and Lee documents.
 
@@ -73,7 +76,7 @@ DEFAULT_CONFIGS = ("l2", "wanda-sp+bias", "wanda-sp+rec", "flap+bias", "flap+rec
 DEFAULT_MODELS = ("silero_vad", "magika", "ppocr_rec", "mobilenet_v2", "minilm")
 # The key of Evaluator.agree shown after the primary metric: how far the pruned model follows the dense one.
 AGREEMENT = {"silero_vad": "same_decision", "magika": "same_label", "ppocr_rec": "cer_to_dense",
-             "mobilenet_v2": "top5", "minilm": "cosine_to_dense"}
+             "mobilenet_v2": "top5", "mobilenet_v2_natural": "top5", "minilm": "cosine_to_dense"}
 
 
 @dataclass
@@ -188,6 +191,16 @@ def _mobilenet_calibration(_: Path) -> tuple[str, str]:
                             f"the {held_out} crops of the odd photos, none of them calibration data")
 
 
+def _mobilenet_natural_calibration(_: Path) -> tuple[str, str]:
+    from graphprune.calibration import DATASETS
+
+    calib = sum(len(f["input"]) for f in DATASETS["natural-calib"](["input"], 256))
+    held_out = sum(len(f["input"]) for f in DATASETS["natural-eval"](["input"], 256))
+    return "natural-calib", (f"named set natural-calib ({calib} crops: photos-calib and the even GCompris "
+                             f"photos); the evaluator scores the {held_out} crops of the odd GCompris photos, "
+                             "none of them calibration data")
+
+
 def _minilm_calibration(scratch: Path) -> tuple[str, str]:
     from graphprune.models import minilm
 
@@ -210,6 +223,8 @@ SPECS = {
     "ppocr_rec": ModelSpec("ppocr_rec", _ppocr_calibration, {"x": (1, 3, 48, 320)}),
     "mobilenet_v2": ModelSpec("mobilenet_v2", _mobilenet_calibration, {"input": (1, 3, 224, 224)}),
     "minilm": ModelSpec("minilm", _minilm_calibration),
+    "mobilenet_v2_natural": ModelSpec("mobilenet_v2_natural", _mobilenet_natural_calibration,
+                                      {"input": (1, 3, 224, 224)}),
 }
 
 
