@@ -26,6 +26,7 @@ from graphprune.analysis.graph import DimGraph, ParamUse
 from graphprune.analysis.rules.base import attr
 from graphprune.criteria import Consumer, consumers
 from graphprune.plan import PrunePlan
+from graphprune.rewrite import fresh_name
 
 
 @dataclass
@@ -112,7 +113,7 @@ def add_to_bias(g: DimGraph, node: ir.Node, index: int, delta: np.ndarray, out_a
         array = bias.astype(np.float64) + delta
         dtype = bias.dtype
     array = np.ascontiguousarray(array.astype(dtype))
-    name = f"{node.name}__bias_compensated{len(g.graph.initializers)}"
+    name = fresh_name(g.graph, f"{node.name}__bias_compensated", len(g.graph.initializers))
     kind = ir.TensorType(ir.DataType.from_numpy(array.dtype))
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=kind,
                      const_value=ir.tensor(array, name=name))

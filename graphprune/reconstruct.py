@@ -39,6 +39,7 @@ from graphprune.calibration import Gram, Patches, collect_gram
 from graphprune.compensate import add_to_bias
 from graphprune.criteria import consumers
 from graphprune.plan import PrunePlan
+from graphprune.rewrite import fresh_name
 
 DAMP = 1e-2  # measured on MobileNetV2 (docs/quality_mobilenet_v2.md): 1e-5..1 all help, 1e-2 the most
 MAX_FEATURES = 4096
@@ -318,7 +319,7 @@ def _write(g: DimGraph, t: _Target, rebuilt: np.ndarray, shift: np.ndarray) -> s
 
 def _replace_weight(g: DimGraph, use: ParamUse, array: np.ndarray) -> None:
     """A fresh initializer for this reader only (the old one may feed other nodes)."""
-    name = f"{use.value.name}__reconstructed{len(g.graph.initializers)}"
+    name = fresh_name(g.graph, f"{use.value.name}__reconstructed", len(g.graph.initializers))
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=use.value.type,
                      const_value=ir.tensor(array, name=name))
     g.graph.register_initializer(value)

@@ -75,7 +75,7 @@ def _slice_params(g: DimGraph, removed: dict[int, np.ndarray]) -> None:
             if not plan or all(k is None for k in plan):
                 continue
             if plan not in copies:
-                name = f"{value.name}__pruned{len(copies)}"
+                name = fresh_name(g.model.graph, f"{value.name}__pruned", len(copies))
                 copies[plan] = _new_initializer(g.model.graph, value, _sliced(tensor, plan, name))
             node.replace_input_with(index, copies[plan])
 
@@ -111,6 +111,17 @@ def _take_mapped(source: ir.ExternalTensor, plan: tuple, name: str) -> ir.Tensor
 def _set_value(value: ir.Value, tensor: ir.TensorProtocol) -> None:
     value.const_value = tensor
     value.shape = ir.Shape(tensor.shape)
+
+
+def fresh_name(graph: ir.Graph, stem: str, start: int) -> str:
+    """``stem`` followed by the first number from ``start`` that no initializer of ``graph`` has yet.
+
+    The numbers only make names unique; a model pruned a second time already holds the names its first
+    pruning gave, so counting alone (e.g. the initializers) could repeat one.
+    """
+    while f"{stem}{start}" in graph.initializers:
+        start += 1
+    return f"{stem}{start}"
 
 
 def _new_initializer(graph: ir.Graph, like: ir.Value, tensor: ir.TensorProtocol) -> ir.Value:

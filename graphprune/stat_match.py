@@ -38,6 +38,7 @@ from graphprune.analysis.graph import DimGraph
 from graphprune.analysis.rules.base import attr
 from graphprune.errors import GraphpruneError
 from graphprune.reconstruct import _depends
+from graphprune.rewrite import fresh_name
 from graphprune.staged import CACHE_BYTES, StagedRunner
 
 MODES = ("mean", "moments", "regression")
@@ -317,7 +318,7 @@ def _write(g: DimGraph, t: MatchTarget, s: np.ndarray, c: np.ndarray) -> str:
 
 def _set_input(g: DimGraph, node: ir.Node, index: int, array: np.ndarray, tag: str) -> None:
     """A fresh initializer for this reader only (the old one may feed other nodes)."""
-    name = f"{node.name}__{tag}{len(g.graph.initializers)}"
+    name = fresh_name(g.graph, f"{node.name}__{tag}", len(g.graph.initializers))
     array = np.ascontiguousarray(array)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))

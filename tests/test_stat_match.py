@@ -251,3 +251,20 @@ def test_sequential_reconstruction_runs_cached_stages_too(seed):
     plain, _ = _prune(proto, ratio=0.5)
     assert relative_error(run(proto, feeds)[0], run(cached, feeds)[0]) < relative_error(
         run(proto, feeds)[0], run(plain, feeds)[0])
+
+
+@pytest.mark.parametrize("reconstruct", [True, "sequential"])
+def test_a_pruned_model_can_be_pruned_again(tmp_path, reconstruct):
+    """Each step names its new weights afresh: the second step must not reuse a name the first one gave
+    (it once counted the initializers, which repeats a name the first step wrote)."""
+    path = saved_with_calibration(_residual(3), tmp_path)
+    calib = tmp_path / "calib.npz"
+    once = api.optimize(path, tmp_path / "once.onnx", ratio=0.25, round_to=1, calib=calib,
+                        reconstruct=reconstruct, match_stats="moments")
+    twice = api.optimize(tmp_path / "once.onnx", tmp_path / "twice.onnx", ratio=0.25, round_to=1, calib=calib,
+                         reconstruct=reconstruct, match_stats="moments")
+    assert twice.after.params < once.after.params < once.before.params
+    names = [i.name for i in onnx.load(tmp_path / "twice.onnx").graph.initializer]
+    assert len(names) == len(set(names))
+    x = np.load(calib)["x"]
+    assert run(onnx.load(tmp_path / "twice.onnx"), {"x": x})[0].shape == run(onnx.load(path), {"x": x})[0].shape
