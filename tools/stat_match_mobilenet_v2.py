@@ -2,11 +2,13 @@
 
 Prunes the pretrained MobileNetV2 with ``api.optimize(target_flops=0.35, round_to=8, calib=...)`` and the
 options given, then prints one JSON line: the options, top-1/top-5 agreement with the dense model and the
-mean logit cosine on the 96 held-out crops (``photos-eval``), and the seconds taken. The rows of
+mean logit cosine on the held-out crops (``--held-out``: the 96 ``photos-eval`` crops, or the 252
+``natural-eval`` crops, which need tools/fetch_models.py), and the seconds taken. The rows of
 docs/stat_match.md came from this tool.
 
 Usage: .venv/bin/python tools/stat_match_mobilenet_v2.py --criterion wanda-sp --reconstruct one-shot \\
            --match-stats moments --protect residual --allocation global [--calib FILE] [--max-ratio 0.4]
+       .venv/bin/python tools/stat_match_mobilenet_v2.py --calib natural-calib --held-out natural-eval
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ import click
 import numpy as np
 
 from graphprune import api
-from graphprune.calibration import photo_rows
+from graphprune.calibration import DATASETS
 from graphprune.models.imagenet_eval import run_onnx, topk_agreement
 from graphprune.models.mobilenet_v2 import export_mobilenet_v2
-from graphprune.models.photos import VIEWS, imagenet_batch
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -42,10 +43,12 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 @click.option("--calib", default="photos-calib", show_default=True, help="Named set or .npz file.")
 @click.option("--max-ratio", type=float, default=0.9, show_default=True)
 @click.option("--exclude", multiple=True, help="Node-name patterns left whole.")
+@click.option("--held-out", type=click.Choice(["photos-eval", "natural-eval"]), default="photos-eval",
+              show_default=True, help="The named set scored (never a calibration set).")
 def main(criterion: str, reconstruct: str, match_stats: str, protect: str, allocation: str, calib: str,
-         max_ratio: float, exclude: tuple[str, ...]) -> None:
+         max_ratio: float, exclude: tuple[str, ...], held_out: str) -> None:
     dense = export_mobilenet_v2()
-    batch = imagenet_batch(224, VIEWS)[photo_rows("eval", len(VIEWS))]
+    batch = np.concatenate([feeds["input"] for feeds in DATASETS[held_out](["input"], 64)])
     reference = run_onnx(dense, batch)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stat-match-") as tmp:
@@ -60,7 +63,7 @@ def main(criterion: str, reconstruct: str, match_stats: str, protect: str, alloc
     agreement = topk_agreement(reference, pruned)
     print(json.dumps({"criterion": criterion, "reconstruct": reconstruct, "match_stats": match_stats,
                       "protect": protect, "allocation": allocation, "calib": calib, "max_ratio": max_ratio,
-                      "exclude": list(exclude), "top1": round(agreement["top1"], 4),
+                      "exclude": list(exclude), "held_out": held_out, "top1": round(agreement["top1"], 4),
                       "top5": round(agreement["top5"], 4), "cosine": round(cosine(reference, pruned), 4),
                       "macs": round(result.after.macs / result.before.macs - 1, 4),
                       "seconds": round(time.perf_counter() - start)}))
