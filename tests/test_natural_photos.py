@@ -75,3 +75,15 @@ def test_natural_sets_need_the_fetched_photos(tmp_path, monkeypatch):
     finally:
         photos._natural.cache_clear()
         photos._natural_batch.cache_clear()
+
+
+def test_mobilenet_v2_natural_scores_the_held_out_half():
+    _natural_or_skip()
+    from graphprune.models import evaluators as ev
+
+    evaluator = ev.get_evaluator("mobilenet_v2_natural")
+    assert "mobilenet_v2_natural" not in ev.EVALUATORS  # EVALUATORS: one per real model
+    if not evaluator.available():
+        pytest.skip("MobileNetV2 weights not fetched: run `python tools/fetch_models.py`")
+    held_out = sum(len(f["input"]) for f in DATASETS["natural-eval"](["input"], 64))
+    assert evaluator.evaluate(evaluator.dense_model()) == {"top1": 1.0, "top5": 1.0, "images": float(held_out)}
