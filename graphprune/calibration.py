@@ -616,8 +616,12 @@ def _fixed_batch(session) -> int | None:
 
 
 def shared_static_extent(leading: Sequence) -> int | None:
-    """The one leading extent every input has, when it is static; None when they differ or it is symbolic."""
-    return leading[0] if len(set(leading)) == 1 and isinstance(leading[0], int) else None
+    """The one leading extent every input has, when it is static; None when they differ or it is symbolic.
+
+    Some exporters (paddle2onnx) write a dynamic batch as the extent -1: no positive extent is symbolic too.
+    """
+    static = len(set(leading)) == 1 and isinstance(leading[0], int) and leading[0] > 0
+    return leading[0] if static else None
 
 
 def _split(feeds: Feeds, fixed: int | None) -> Iterator[Feeds]:

@@ -268,3 +268,16 @@ def test_a_pruned_model_can_be_pruned_again(tmp_path, reconstruct):
     assert len(names) == len(set(names))
     x = np.load(calib)["x"]
     assert run(onnx.load(tmp_path / "twice.onnx"), {"x": x})[0].shape == run(onnx.load(path), {"x": x})[0].shape
+
+
+def test_a_batch_extent_written_as_minus_one_is_dynamic(tmp_path):
+    """paddle2onnx writes a dynamic batch as dim_value -1; the staged runs once read it as a fixed batch
+    of -1 and found no samples in the calibration data."""
+    proto = _residual(4)
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32))
+    result = api.optimize(path, tmp_path / "out.onnx", ratio=0.25, round_to=1, calib=tmp_path / "calib.npz",
+                          reconstruct=True, match_stats="moments", check=False)
+    assert result.settings["stat_matching"]["corrected"] == 3
