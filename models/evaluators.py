@@ -129,19 +129,27 @@ def _mobilenet_images() -> np.ndarray:
     return imagenet_batch(224, VIEWS)[photo_rows("eval", len(VIEWS))]
 
 
-@lru_cache(maxsize=1)
-def _mobilenet_reference() -> np.ndarray:
-    from .imagenet_eval import run_onnx
+def _agreement_on(images: Callable[[], np.ndarray]) -> Callable[[str], tuple[dict[str, float], np.ndarray]]:
+    """An evaluator's run: top-1/top-5 agreement with the dense MobileNetV2 on the crops ``images()``
+    (the dense logits computed once per process)."""
 
-    return run_onnx(_mobilenet_dense(), _mobilenet_images())
+    @lru_cache(maxsize=1)
+    def reference() -> np.ndarray:
+        from .imagenet_eval import run_onnx
+
+        return run_onnx(_mobilenet_dense(), images())
+
+    def run(path: str) -> tuple[dict[str, float], np.ndarray]:
+        from .imagenet_eval import run_onnx, topk_agreement
+
+        logits = run_onnx(path, images())
+        agreement = topk_agreement(reference(), logits, (1, 5))
+        return {"top1": agreement["top1"], "top5": agreement["top5"], "images": float(len(logits))}, logits
+
+    return run
 
 
-def _mobilenet_run(path: str) -> tuple[dict[str, float], np.ndarray]:
-    from .imagenet_eval import run_onnx, topk_agreement
-
-    logits = run_onnx(path, _mobilenet_images())
-    agreement = topk_agreement(_mobilenet_reference(), logits, (1, 5))
-    return {"top1": agreement["top1"], "top5": agreement["top5"], "images": float(len(logits))}, logits
+_mobilenet_run = _agreement_on(_mobilenet_images)
 
 
 def _mobilenet_agree(dense: np.ndarray, pruned: np.ndarray) -> dict[str, float]:
@@ -158,19 +166,7 @@ def _natural_images() -> np.ndarray:
     return np.concatenate([feeds["input"] for feeds in DATASETS["natural-eval"](["input"], 64)])
 
 
-@lru_cache(maxsize=1)
-def _natural_reference() -> np.ndarray:
-    from .imagenet_eval import run_onnx
-
-    return run_onnx(_mobilenet_dense(), _natural_images())
-
-
-def _mobilenet_natural_run(path: str) -> tuple[dict[str, float], np.ndarray]:
-    from .imagenet_eval import run_onnx, topk_agreement
-
-    logits = run_onnx(path, _natural_images())
-    agreement = topk_agreement(_natural_reference(), logits, (1, 5))
-    return {"top1": agreement["top1"], "top5": agreement["top5"], "images": float(len(logits))}, logits
+_mobilenet_natural_run = _agreement_on(_natural_images)
 
 
 def _mobilenet_imagenet_run(path: str) -> tuple[dict[str, float], np.ndarray]:
