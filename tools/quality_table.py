@@ -71,6 +71,7 @@ CONFIGS = [
     ("flap+rec+mm", "flap", "reconstruct", (), "moments"),
     ("obs+rec+mm", "obs", "reconstruct", (), "moments"),
     ("wanda-sp+rec+mm/res", "wanda-sp", "reconstruct", ("residual",), "moments"),
+    ("obs+rec+mm/res", "obs", "reconstruct", ("residual",), "moments"),
 ]
 DEFAULT_CONFIGS = ("l2", "wanda-sp+bias", "wanda-sp+rec", "flap+bias", "flap+rec", "obs+rec")
 DEFAULT_MODELS = ("silero_vad", "magika", "ppocr_rec", "mobilenet_v2", "minilm")
