@@ -66,10 +66,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_ir as ir
 
 from graphprune.analysis.graph import DimGraph
 from graphprune.analysis.groups import Group
 from graphprune.errors import GraphpruneError
+from graphprune.metrics import value_shapes
 from graphprune.report import node_macs
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
@@ -87,7 +89,7 @@ class _Weight:
 class CostModel:
     """Estimated MACs and params of the model as groups lose units (counts per candidate group)."""
 
-    def __init__(self, g: DimGraph, groups: Sequence[Group]):
+    def __init__(self, g: DimGraph, groups: Sequence[Group], input_shapes: Mapping[str, tuple] | None = None):
         index = {group.root: i for i, group in enumerate(groups)}
         self.weights: list[_Weight] = []
         self.members: list[list[tuple[int, int]]] = [[] for _ in groups]  # per group: (weight, axis)
@@ -97,9 +99,10 @@ class CostModel:
         for value in g.graph.initializers.values():
             if value.const_value is not None and value.const_value.dtype.is_floating_point():
                 self.total_params += float(np.prod(value.const_value.shape, dtype=np.float64))
+        shape_of = _conv_shapes(g, input_shapes)
         for use in g.params.values():
             linear = use.index == 1 and use.node.op_type in LINEAR_OPS
-            macs = node_macs(use.node, use.value) if linear else 0.0
+            macs = node_macs(use.node, use.value, shape_of) if linear else 0.0
             self.total_macs += macs
             first = use.value not in seen  # a shared initializer's params count once
             seen.add(use.value)
@@ -172,6 +175,20 @@ class CostModel:
                 and (target_params is None or self.params_reduction >= target_params - eps))
 
 
+def _conv_shapes(g: DimGraph, input_shapes: Mapping[str, tuple] | None):
+    """Static value shapes as metrics counts them, when a conv's spatial extents are not static in the
+    model itself (dynamic height and width): without them every conv would count one pixel, and the
+    budget would favour the layers with the most weights instead of the most MACs. None otherwise
+    (transformers' MatMuls share one unknown sequence length, which scales every share alike)."""
+    def static(value) -> bool:
+        return value is not None and value.shape is not None and all(isinstance(d, int) and d > 0
+                                                                      for d in list(value.shape)[2:])
+    convs = [node for node in g.graph if node.op_type in ("Conv", "ConvTranspose")]
+    if all(static(node.outputs[0]) and (node.op_type == "Conv" or static(node.inputs[0])) for node in convs):
+        return None
+    return value_shapes(ir.to_proto(g.model), input_shapes)
+
+
 def blocks(size: int, multiple: int) -> list[int]:
     """Removal steps that keep ``plan.round_kept`` a no-op: size % multiple first, then multiples."""
     if multiple <= 1:
@@ -228,7 +245,7 @@ def allocate(g: DimGraph, groups: Sequence[Group], scores: Sequence[np.ndarray],
     mode = "global" if config.allocation == "uniform" and config.global_rank else config.allocation
     targets = (config.target_flops, config.target_params)
     result = Allocation(mode, *targets, sensitivity=dict(sensitivity or {}))
-    cost = CostModel(g, groups)
+    cost = CostModel(g, groups, getattr(config, "input_shapes", None))
     sizes = [group.size for group in groups]
     max_ratio = config.max_group_ratio
     caps = [cap_count(s, m, max_ratio) for s, m in zip(sizes, multiples)]

@@ -248,7 +248,8 @@ def optimize(
                                  exclude=tuple(exclude), max_group_ratio=max_group_ratio, seed=seed,
                                  kinds=tuple(units), compensate=compensate, allocation=allocation,
                                  target_flops=target_flops, target_params=target_params, min_ratio=min_ratio,
-                                 reconstruct=reconstruct, match_stats=match_stats, protect=tuple(protect))
+                                 reconstruct=reconstruct, match_stats=match_stats, protect=tuple(protect),
+                                 input_shapes=input_shapes)
     config.progress = _counter(progress)
     if calib is not None:
         config.calibration = _calibration_set(loaded, calib, calib_batch_size, calib_batches, input_shapes)

@@ -456,7 +456,7 @@ def _plan(variants: _Variants, reference: ModelLike, g, scored, fallback, target
     multiple, fine, feeds = search.multiple, search.fine_multiple, variants.feeds
     started = time.perf_counter()
     dense_ms = float(np.median(timer([reference], [feeds], 10)[0]))
-    cost = CostModel(g, [d.group for d, _ in [*scored, *fallback]])
+    cost = CostModel(g, [d.group for d, _ in [*scored, *fallback]], target.input_shapes)
 
     def candidate(i: int, d: GroupDecision, scores: np.ndarray) -> GroupWidths:
         unit_cost = (cost.unit_macs[i] / cost.total_macs if cost.total_macs and cost.unit_macs[i] > 0

@@ -172,8 +172,7 @@ class MacCount:
 def count_macs(model: ModelLike, input_shapes: Mapping[str, Shape] | None = None) -> MacCount:
     """input_shapes gives whole shapes per input; other dynamic dims follow make_inputs' defaults."""
     proto = load_structure(model)
-    shapes = resolve_shapes(proto, input_shapes, strict=False)
-    shape_of = _infer_shapes(_skeleton(proto, shapes))
+    shape_of = value_shapes(proto, input_shapes)
     result = MacCount()
     for index, node in enumerate(proto.graph.node):
         counter = _COUNTERS.get(_op_key(node))
@@ -187,6 +186,12 @@ def count_macs(model: ModelLike, input_shapes: Mapping[str, Shape] | None = None
         result.total += macs
         result.by_op_type[node.op_type] = result.by_op_type.get(node.op_type, 0) + macs
     return result
+
+
+def value_shapes(proto: onnx.ModelProto, input_shapes: Mapping[str, Shape] | None = None) -> ShapeOf:
+    """Static shape of each value by name (None where inference cannot tell), with the inputs bound as
+    count_macs binds them: ``input_shapes`` first, then make_inputs' defaults for other dynamic dims."""
+    return _infer_shapes(_skeleton(proto, resolve_shapes(proto, input_shapes, strict=False)))
 
 
 def _op_key(node: onnx.NodeProto) -> str:

@@ -35,6 +35,8 @@ class PlanConfig:
     # Group roles left whole: "residual" = groups that pass through a sum of activations (residual
     # streams; on MobileNetV2 protecting them doubled the held-out top-5 agreement at -35% MACs).
     protect: tuple[str, ...] = ()
+    # Input shapes the MACs budget is counted at (api's --input-shapes), as the reported counts are.
+    input_shapes: dict[str, tuple[int, ...]] | None = None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -12,18 +13,31 @@ from graphprune.analysis.groups import Group
 from graphprune.plan import PrunePlan
 
 
-def node_macs(node: ir.Node, weight: ir.Value) -> float:
-    """Multiply-accumulates of a linear node per batch item, from its weight and output shapes."""
+def node_macs(node: ir.Node, weight: ir.Value, shape_of: Callable[[str], tuple | None] | None = None) -> float:
+    """Multiply-accumulates of a linear node per batch item, from its weight and output shapes.
+
+    ``shape_of`` (metrics.value_shapes): static shapes by value name, used where the model's own shape of
+    a conv's output or input is not static; unknown extents count as 1 otherwise.
+    """
     numel = float(np.prod(weight.const_value.shape, dtype=np.float64))
-    out = node.outputs[0].shape
-    if out is None:
+
+    def extents(value: ir.Value | None) -> list[int] | None:
+        shape = None if value is None else value.shape
+        if shape is not None and all(isinstance(d, int) and d > 0 for d in shape):
+            return list(shape)
+        known = shape_of(value.name) if shape_of is not None and value is not None and value.name else None
+        if known is not None:
+            return list(known)
+        return None if shape is None else [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+
+    dims = extents(node.outputs[0])
+    if dims is None:
         return 0.0
-    dims = [d if isinstance(d, int) else 1 for d in out]
     if node.op_type == "Conv":
         return numel * float(np.prod(dims[2:]))
     if node.op_type == "ConvTranspose":
-        x = node.inputs[0].shape
-        return numel * float(np.prod([d if isinstance(d, int) else 1 for d in x][2:])) if x else 0.0
+        x = extents(node.inputs[0])
+        return numel * float(np.prod(x[2:])) if x else 0.0
     if node.op_type in ("Gemm", "MatMul"):
         return numel * float(np.prod(dims[1:-1] if len(dims) > 2 else [1]))
     return 0.0
