@@ -61,16 +61,15 @@ from graphprune.allocation import CostModel
 from graphprune.analysis import build_dim_graph
 from graphprune.analysis.groups import find_groups
 from graphprune.bench import PROVIDERS, check_available, parse_providers
-from graphprune.compensate import compensate_bias
 from graphprune.criteria import score_group
 from graphprune.errors import GraphpruneError, VerificationError
 from graphprune.inputs import make_inputs
 from graphprune.io import write_model
 from graphprune.latency import _feeds_for, compare_latency
-from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass, reconstruct_mode
+from graphprune.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass
 from graphprune.plan import GroupDecision, make_plan
 from graphprune.report import summarise_groups
-from graphprune.rewrite import apply_removal, cleanup, interface_changes
+from graphprune.rewrite import apply_removal, interface_changes
 from graphprune.runtime import ModelLike, first_line, make_session
 from graphprune.verify import take_kept
 
@@ -344,9 +343,6 @@ class SpeedupPass(PruneChannelsPass):
 
     def __init__(self, config: PruneChannelsConfig, target: SpeedupTarget, reference: ModelLike | None = None):
         super().__init__(config)
-        if reconstruct_mode(getattr(config, "reconstruct", False)):
-            raise GraphpruneError("--target-speedup does not combine with --reconstruct yet; "
-                                  "prune for speed first, then run `graphprune refit`.")
         self.target = target
         self.reference = reference
         self.search: SpeedupSearch | None = None
@@ -379,14 +375,9 @@ class SpeedupPass(PruneChannelsPass):
                                  "group(s) of this model have")
         self.summaries = summarise_groups(g, self.groups, self.plan)
         self.resized = interface_changes(g, self.plan.removed)
-        # Statistics matching changes weights, not widths: the timed plan holds for the matched model.
-        matching = self.matching_targets(g)
-        if config.compensate and self.stats is not None:
-            self.compensation = compensate_bias(g, self.plan, self.stats)
-        apply_removal(g, self.plan.removed)
-        if matching:
-            self.match(g, ir.from_proto(dense), matching)
-            cleanup(model)
+        # Reconstruction, compensation and statistics matching change weights, not widths: the timed plan
+        # holds for the model they write.
+        self.rewrite(model, g, ir.from_proto(dense))
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))
 
     def _fallback_candidates(self, g, probe, rng: np.random.Generator) -> list[tuple[GroupDecision, np.ndarray]]:

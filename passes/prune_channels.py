@@ -127,7 +127,6 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         config = self.config
         # A plain PlanConfig works too: no calibration, no compensation.
         calibration = getattr(config, "calibration", None)
-        compensate = getattr(config, "compensate", False)
         self.collect_calibration(model, g)
         if getattr(config, "allocation", "uniform") == "sensitivity":
             if calibration is None:
@@ -143,6 +142,16 @@ class PruneChannelsPass(ir.passes.InPlacePass):
                               grams=self.grams)
         self.summaries = summarise_groups(g, self.groups, self.plan)  # shares of the unpruned model
         self.resized = interface_changes(g, self.plan.removed)
+        self.rewrite(model, g)
+        return ir.passes.PassResult(model, modified=bool(self.plan.removed))
+
+    def rewrite(self, model: ir.Model, g, dense: ir.Model | None = None) -> None:
+        """Carry out ``self.plan``: reconstruction, bias compensation, slicing, then statistics matching.
+        The widths are the plan's; everything but slicing changes weights only. ``dense``: the model as it
+        was before any change, when the caller kept one (else copied here where needed)."""
+        config = self.config
+        calibration = getattr(config, "calibration", None)
+        compensate = getattr(config, "compensate", False)
         reconstructed: set = set()
         mode = reconstruct_mode(getattr(config, "reconstruct", False))
         if mode and calibration is None:
@@ -152,8 +161,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             check_mode(match_mode)
             if calibration is None:
                 raise GraphpruneError("statistics matching needs calibration data: give --calib as well.")
-        dense = None
-        if self.plan.removed and (mode == "sequential" or match_mode):
+        if dense is None and self.plan.removed and (mode == "sequential" or match_mode):
             dense = ir.from_proto(ir.to_proto(model))  # before compensation and slicing
         matching = self.matching_targets(g)
         sequential = None
@@ -177,7 +185,6 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             self.match(g, dense, matching)
         if sequential or matching:
             cleanup(model)
-        return ir.passes.PassResult(model, modified=bool(self.plan.removed))
 
 
 RECONSTRUCT_MODES = ("one-shot", "sequential")

@@ -341,6 +341,37 @@ def test_api_reports_requested_measured_table_and_iterations(tmp_path, faked):
     assert all(it["round"] == 1 for it in record["iterations"]) and not record["units_given"]
 
 
+@pytest.mark.parametrize("mode", [True, "sequential"])
+def test_reconstruction_follows_the_timed_plan(tmp_path, faked, mode):
+    """--reconstruct with --target-speedup: the timed plan is kept (reconstruction changes weights, not
+    widths), the consumers are refitted and the result moves closer to the dense model on its data."""
+    src = tmp_path / "cnn.onnx"
+    onnx.save(_cnn(), src)
+    x = np.random.default_rng(3).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    shapes = {"x": (2, 3, 8, 8)}
+    plain = api.optimize(src, tmp_path / "plain.onnx", target_speedup=1.5, input_shapes=shapes,
+                         calib=tmp_path / "calib.npz")
+    rebuilt = api.optimize(src, tmp_path / "rebuilt.onnx", target_speedup=1.5, input_shapes=shapes,
+                           calib=tmp_path / "calib.npz", reconstruct=mode)
+    assert rebuilt.plan.removed.keys() == plain.plan.removed.keys()
+    for root, units in plain.plan.removed.items():
+        np.testing.assert_array_equal(rebuilt.plan.removed[root], units)
+    record = rebuilt.settings["reconstruction"]
+    assert record["mode"] == ("one-shot" if mode is True else "sequential") and record["reconstructed"] >= 1
+
+    def error(path):
+        import onnxruntime as ort
+
+        def run(p):
+            session = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+            return np.concatenate([session.run(None, {"x": x[i:i + 2]})[0] for i in range(0, len(x), 2)])
+        dense = run(src)
+        return float(np.linalg.norm(run(path) - dense) / np.linalg.norm(dense))
+
+    assert error(tmp_path / "rebuilt.onnx") < error(tmp_path / "plain.onnx")
+
+
 def test_statistics_matching_follows_the_timed_plan(tmp_path, faked):
     """--match-stats with --target-speedup: the timed plan is kept (matching changes weights, not widths)
     and the matched layers are reported."""
@@ -379,7 +410,6 @@ def test_cli_prints_requested_and_measured(tmp_path, faked):
     (["--target-params", "0.3"], "--target-speedup and --target-params"),
     (["--allocation", "global"], "leave out --allocation"),
     (["--provider", "nonsense"], "unknown provider 'nonsense'"),
-    (["--calib", "photos", "--reconstruct"], "does not combine with --reconstruct"),
     (["--threads", "0"], "--threads must be 1 or more"),
 ])
 def test_cli_exclusive_options_one_line(tmp_path, extra, message):
