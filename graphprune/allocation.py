@@ -66,13 +66,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx_ir as ir
 
 from graphprune.analysis.graph import DimGraph
 from graphprune.analysis.groups import Group
 from graphprune.errors import GraphpruneError
-from graphprune.metrics import value_shapes
-from graphprune.report import node_macs
+from graphprune.report import conv_shapes, node_macs
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -99,7 +97,7 @@ class CostModel:
         for value in g.graph.initializers.values():
             if value.const_value is not None and value.const_value.dtype.is_floating_point():
                 self.total_params += float(np.prod(value.const_value.shape, dtype=np.float64))
-        shape_of = _conv_shapes(g, input_shapes)
+        shape_of = conv_shapes(g, input_shapes)
         for use in g.params.values():
             linear = use.index == 1 and use.node.op_type in LINEAR_OPS
             macs = node_macs(use.node, use.value, shape_of) if linear else 0.0
@@ -173,20 +171,6 @@ class CostModel:
         eps = 1e-12
         return ((target_flops is None or self.macs_reduction >= target_flops - eps)
                 and (target_params is None or self.params_reduction >= target_params - eps))
-
-
-def _conv_shapes(g: DimGraph, input_shapes: Mapping[str, tuple] | None):
-    """Static value shapes as metrics counts them, when a conv's spatial extents are not static in the
-    model itself (dynamic height and width): without them every conv would count one pixel, and the
-    budget would favour the layers with the most weights instead of the most MACs. None otherwise
-    (transformers' MatMuls share one unknown sequence length, which scales every share alike)."""
-    def static(value) -> bool:
-        return value is not None and value.shape is not None and all(isinstance(d, int) and d > 0
-                                                                      for d in list(value.shape)[2:])
-    convs = [node for node in g.graph if node.op_type in ("Conv", "ConvTranspose")]
-    if all(static(node.outputs[0]) and (node.op_type == "Conv" or static(node.inputs[0])) for node in convs):
-        return None
-    return value_shapes(ir.to_proto(g.model), input_shapes)
 
 
 def blocks(size: int, multiple: int) -> list[int]:

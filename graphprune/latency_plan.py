@@ -373,7 +373,7 @@ class SpeedupPass(PruneChannelsPass):
         if not self.search.reached and self.target.units_given and left_out:
             self.search.stop += (f"; --units leaves out {left_out[0].kind} units, which {len(left_out)} "
                                  "group(s) of this model have")
-        self.summaries = summarise_groups(g, self.groups, self.plan)
+        self.summaries = summarise_groups(g, self.groups, self.plan, self.target.input_shapes)
         self.resized = interface_changes(g, self.plan.removed)
         # Reconstruction, compensation and statistics matching change weights, not widths: the timed plan
         # holds for the model they write.

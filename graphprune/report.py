@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 from graphprune.analysis.graph import DimGraph
 from graphprune.analysis.groups import Group
+from graphprune.metrics import value_shapes
 from graphprune.plan import PrunePlan
 
 
@@ -63,11 +64,29 @@ class GroupSummary:
         return asdict(self)
 
 
-def summarise_groups(g: DimGraph, groups: list[Group], plan: PrunePlan | None = None) -> list[GroupSummary]:
+def conv_shapes(g: DimGraph, input_shapes: Mapping[str, tuple] | None = None):
+    """Static value shapes (for node_macs) as metrics counts them, when a conv's spatial extents are not static in the
+    model itself (dynamic height and width): without them every conv would count one pixel, and the
+    budget would favour the layers with the most weights instead of the most MACs. None otherwise
+    (transformers' MatMuls share one unknown sequence length, which scales every share alike)."""
+    def static(value) -> bool:
+        return value is not None and value.shape is not None and all(isinstance(d, int) and d > 0
+                                                                      for d in list(value.shape)[2:])
+    convs = [node for node in g.graph if node.op_type in ("Conv", "ConvTranspose")]
+    if all(static(node.outputs[0]) and (node.op_type == "Conv" or static(node.inputs[0])) for node in convs):
+        return None
+    return value_shapes(ir.to_proto(g.model), input_shapes)
+
+
+def summarise_groups(g: DimGraph, groups: list[Group], plan: PrunePlan | None = None,
+                     input_shapes: Mapping[str, tuple] | None = None) -> list[GroupSummary]:
+    """Per group: members, shares of the dense params and MACs (MACs at ``input_shapes``, as counted),
+    and the plan's decision."""
     total_params = sum(float(np.prod(v.const_value.shape, dtype=np.float64))
                        for v in g.graph.initializers.values() if v.const_value is not None
                        and v.const_value.dtype.is_floating_point())
-    weights = {(use.node, use.index): node_macs(use.node, use.value) for use in g.params.values()
+    shape_of = conv_shapes(g, input_shapes)
+    weights = {(use.node, use.index): node_macs(use.node, use.value, shape_of) for use in g.params.values()
                if use.index == 1 and use.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
     total_macs = sum(weights.values()) or 1.0
     decisions = {d.group.root: d for d in plan.decisions} if plan else {}

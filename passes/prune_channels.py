@@ -140,7 +140,8 @@ class PruneChannelsPass(ir.passes.InPlacePass):
                 progress=getattr(config, "progress", None))
         self.plan = make_plan(g, self.groups, config, stats=self.stats, sensitivity=self.sensitivity,
                               grams=self.grams)
-        self.summaries = summarise_groups(g, self.groups, self.plan)  # shares of the unpruned model
+        # shares of the unpruned model
+        self.summaries = summarise_groups(g, self.groups, self.plan, getattr(config, "input_shapes", None))
         self.resized = interface_changes(g, self.plan.removed)
         self.rewrite(model, g)
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))

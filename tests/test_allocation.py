@@ -276,17 +276,22 @@ def test_global_target_on_a_transformer_keeps_heads(tmp_path):
 
 
 def _strided_dynamic(seed=0) -> onnx.ModelProto:
-    """conv0 (full resolution) -> relu -> conv1 (stride 4: 1/16 of the pixels) -> relu -> conv2, with the
-    input's height and width dynamic, so the model itself knows no conv's spatial extents."""
+    """conv0 (full resolution) -> relu -> conv1 (stride 4: 1/16 of the pixels) -> relu -> conv2 -> pool ->
+    linear head, with the input's height and width dynamic, so the model itself knows no conv's spatial
+    extents."""
     rng = np.random.default_rng(seed)
-    shapes = {"w0": (16, 3, 3, 3), "w1": (16, 16, 3, 3), "w2": (8, 16, 1, 1)}
+    shapes = {"w0": (16, 3, 3, 3), "w1": (16, 16, 3, 3), "w2": (8, 16, 1, 1), "w3": (8, 4)}
     inits = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
              for name, shape in shapes.items()]
+    # The head's MACs do not grow with the picture, the convs' do: shares depend on the input size.
     nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
              helper.make_node("Conv", ["r0", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[4, 4]),
              helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-             helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2")]
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("MatMul", ["f", "w3"], ["y"], name="head")]
     graph = helper.make_graph(nodes, "strided", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -307,3 +312,20 @@ def test_budget_counts_the_given_input_shapes_when_height_and_width_are_dynamic(
     achieved = 1 - result.after.macs / result.before.macs
     assert result.allocation["estimated_flops_reduction"] == pytest.approx(achieved, abs=1e-9)
     assert achieved >= target - 1e-9
+
+
+def test_group_shares_of_a_dynamic_model_match_the_same_model_with_static_shapes():
+    """Oracle: with --input-shapes given, the MACs shares reported per group equal those of the same
+    model declared with those shapes (40 x 72: not what the defaults would bind)."""
+    dynamic = _strided_dynamic()
+    static = _strided_dynamic()
+    dims = static.graph.input[0].type.tensor_type.shape.dim
+    for dim, value in zip(dims, (1, 3, 40, 72)):
+        dim.ClearField("dim_param")
+        dim.dim_value = value
+    shares = []
+    for proto, shapes in ((dynamic, {"x": (1, 3, 40, 72)}), (static, None)):
+        pruning = PruneChannelsPass(PruneChannelsConfig(ratio=0.25, round_to=1, input_shapes=shapes))
+        pruning(load(proto))
+        shares.append([round(s.macs_share, 12) for s in pruning.summaries])
+    assert shares[0] == shares[1] and any(s > 0 for s in shares[0])
