@@ -70,10 +70,9 @@ import numpy as np
 from graphprune.analysis.graph import DimGraph
 from graphprune.analysis.groups import Group
 from graphprune.errors import GraphpruneError
-from graphprune.report import conv_shapes, node_macs
+from graphprune.report import LINEAR_OPS, conv_shapes, node_macs
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
-LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass

@@ -91,8 +91,7 @@ def _natural_part(part: str, size: tuple[int, int], dataset: str) -> np.ndarray:
     if not len(images):
         raise GraphpruneError(f"the '{dataset}' set needs the GCompris photos, which are not in the cache: "
                               "run `python tools/fetch_models.py` (needs the Debian archive once).")
-    photo = np.repeat(np.arange(len(images) // len(NATURAL_VIEWS)), len(NATURAL_VIEWS))
-    return images[photo % 2 == (0 if part == "calib" else 1)]
+    return images[_split_rows(len(images) // len(NATURAL_VIEWS), len(NATURAL_VIEWS), part)]
 
 
 def _imagenet_samples(input_names: Sequence[str], batch_size: int,
@@ -139,7 +138,12 @@ def photo_rows(part: str, views: int) -> np.ndarray:
     """Row indices of models.photos.imagenet_batch belonging to one part of the photo split."""
     from graphprune.models.photos import load_photos
 
-    photos = len(load_photos())
+    return _split_rows(len(load_photos()), views, part)
+
+
+def _split_rows(photos: int, views: int, part: str) -> np.ndarray:
+    """Row indices of one part of a batch of ``photos`` x ``views`` crops (the views of a photo adjacent):
+    ``calib`` the even photos, ``eval`` the odd ones, ``all`` every row."""
     photo = np.repeat(np.arange(photos), views)
     if part == "all":
         return np.arange(len(photo))
@@ -613,6 +617,12 @@ def _fixed_batch(session) -> int | None:
     One symbolic leading extent means the batch is free (silero's state is [2, batch, 128]: its static 2
     is not a batch size)."""
     return shared_static_extent([i.shape[0] for i in session.get_inputs() if i.shape])
+
+
+def declared_fixed_batch(model: ir.Model) -> int | None:
+    """The static leading extent all of a model's declared inputs share, or None (as _fixed_batch, from
+    the graph instead of a session)."""
+    return shared_static_extent([shape[0] for shape in input_shapes(model).values() if shape])
 
 
 def shared_static_extent(leading: Sequence) -> int | None:

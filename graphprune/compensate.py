@@ -26,7 +26,7 @@ from graphprune.analysis.graph import DimGraph, ParamUse
 from graphprune.analysis.rules.base import attr
 from graphprune.criteria import Consumer, consumers
 from graphprune.plan import PrunePlan
-from graphprune.rewrite import fresh_name
+from graphprune.rewrite import set_constant_input
 
 
 @dataclass
@@ -106,21 +106,13 @@ def add_to_bias(g: DimGraph, node: ir.Node, index: int, delta: np.ndarray, out_a
         array = delta
     else:
         bias = g.const(current)
-        if bias is None or (key := (node, index)) not in g.params:
+        if bias is None or (node, index) not in g.params:
             return "its bias is not a constant"
         if not bias.shape or bias.shape[-1] != len(delta):
             return f"its bias of shape {list(bias.shape)} does not broadcast per output"
         array = bias.astype(np.float64) + delta
         dtype = bias.dtype
-    array = np.ascontiguousarray(array.astype(dtype))
-    name = fresh_name(g.graph, f"{node.name}__bias_compensated", len(g.graph.initializers))
-    kind = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=kind,
-                     const_value=ir.tensor(array, name=name))
-    g.graph.register_initializer(value)
-    if current is None:
-        node.resize_inputs(max(len(node.inputs), index + 1))
-    node.replace_input_with(index, value)
+    value = set_constant_input(g.graph, node, index, array.astype(dtype), f"{node.name}__bias_compensated")
     key = (node, index)
     if key in g.params:
         g.params[key].value = value  # the slicing plan of the old bias holds for the new one

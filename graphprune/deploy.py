@@ -28,8 +28,7 @@ import onnx
 import onnx_ir as ir
 
 from graphprune import api
-from graphprune.calibration import _split, shared_static_extent
-from graphprune.calibration import input_shapes as declared_shapes
+from graphprune.calibration import _split, declared_fixed_batch
 from graphprune.errors import GraphpruneError, VerificationError
 from graphprune.inputs import make_inputs
 from graphprune.io import EXTERNAL_DATA_THRESHOLD, weight_bytes, write_model
@@ -362,11 +361,6 @@ class _Reader:
         return chunk
 
 
-def _fixed_batch(model: ir.Model) -> int | None:
-    """The static leading extent all inputs share, or None (as calibration._fixed_batch, from the graph)."""
-    return shared_static_extent([shape[0] for shape in declared_shapes(model).values() if shape])
-
-
 def _preprocess(source: Path, target: Path, enabled: bool, external: bool) -> tuple[Path, str]:
     """onnxruntime.quantization's quant_pre_process (symbolic shapes, basic ORT optimisation, ONNX shapes);
     without symbolic shape inference where that fails. Returns the model to quantize and what ran."""
@@ -450,7 +444,7 @@ def quantize(
                "weight_type": QuantType[QUANT_TYPES[weight_type]], "op_types_to_quantize": list(op_types) or None, "nodes_to_exclude": list(exclude) or None,
                "use_external_data_format": external}
     # The histogram calibrators stack each tensor over the runs: every run must hold as many samples.
-    runs_of = _fixed_batch(loaded) or (None if calibrate_method == "minmax" else 1)
+    runs_of = declared_fixed_batch(loaded) or (None if calibrate_method == "minmax" else 1)
     reader = _Reader(calibration, runs_of) if calibration is not None else None
     with tempfile.TemporaryDirectory(prefix="graphprune-quantize-") as tmp:
         source = Path(tmp) / "float.onnx"
@@ -484,7 +478,7 @@ def quantize(
 
     def check_staged(staged: Path) -> VerifyReport:
         if calibration is not None:  # random inputs can fall outside the calibrated ranges: real data too
-            chunks = (chunk for batch in calibration for chunk in _split(batch, _fixed_batch(loaded)))
+            chunks = (chunk for batch in calibration for chunk in _split(batch, declared_fixed_batch(loaded)))
             calib_reports.append(verify(original, staged, inputs=list(itertools.islice(chunks, samples))))
         return verify(original, staged, overrides=input_shapes, samples=samples)
 

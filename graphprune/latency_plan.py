@@ -377,7 +377,7 @@ class SpeedupPass(PruneChannelsPass):
         self.resized = interface_changes(g, self.plan.removed)
         # Reconstruction, compensation and statistics matching change weights, not widths: the timed plan
         # holds for the model they write.
-        self.rewrite(model, g, ir.from_proto(dense))
+        self.rewrite(model, g, dense)
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))
 
     def _fallback_candidates(self, g, probe, rng: np.random.Generator) -> list[tuple[GroupDecision, np.ndarray]]:

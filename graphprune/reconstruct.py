@@ -39,7 +39,8 @@ from graphprune.calibration import Gram, Patches, collect_gram
 from graphprune.compensate import add_to_bias
 from graphprune.criteria import consumers
 from graphprune.plan import PrunePlan
-from graphprune.rewrite import fresh_name
+from graphprune.rewrite import set_constant_input
+from graphprune.staged import CACHE_BYTES, StagedRunner
 
 DAMP = 1e-2  # measured on MobileNetV2 (docs/quality_mobilenet_v2.md): 1e-5..1 all help, 1e-2 the most
 MAX_FEATURES = 4096
@@ -318,13 +319,8 @@ def _write(g: DimGraph, t: _Target, rebuilt: np.ndarray, shift: np.ndarray) -> s
 
 
 def _replace_weight(g: DimGraph, use: ParamUse, array: np.ndarray) -> None:
-    """A fresh initializer for this reader only (the old one may feed other nodes)."""
-    name = fresh_name(g.graph, f"{use.value.name}__reconstructed", len(g.graph.initializers))
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=use.value.type,
-                     const_value=ir.tensor(array, name=name))
-    g.graph.register_initializer(value)
-    use.node.replace_input_with(use.index, value)
-    use.value = value
+    use.value = set_constant_input(g.graph, use.node, use.index, array, f"{use.value.name}__reconstructed",
+                                   use.value.type)
 
 
 # ---------- sequential reconstruction: fit on the pruned model's own activations ---------------------
@@ -466,17 +462,14 @@ class _Cross:
 def reconstruct_sequential(g: DimGraph, dense: ir.Model, found: list[SequentialTarget], report:
                            ReconstructionReport, calibration: Iterable, *, damp: float = DAMP,
                            gram_bytes: int = GRAM_BYTES, max_stages: int = MAX_STAGES,
-                           cache_bytes: int | None = None,
+                           cache_bytes: int = CACHE_BYTES,
                            progress: Callable[[int], None] | None = None) -> set[tuple[ir.Node, int]]:
     """Fit ``found`` (sequential_targets) on the sliced model ``g.model`` against ``dense`` (a copy of
     the model before pruning); returns the weight uses rewritten. Each stage runs from the values the
     last one left (staged.StagedRunner, up to ``cache_bytes`` of them per model; 0: from the inputs):
     a stage asks for its consumers' inputs, so the consumers themselves run, with their new weights,
     in the next stage's part of the model."""
-    from graphprune.staged import CACHE_BYTES, StagedRunner
-
-    budget = CACHE_BYTES if cache_bytes is None else cache_bytes
-    pruned_runner, dense_runner = StagedRunner(calibration, budget), StagedRunner(calibration, budget)
+    pruned_runner, dense_runner = StagedRunner(calibration, cache_bytes), StagedRunner(calibration, cache_bytes)
     done: set[tuple[ir.Node, int]] = set()
     for stage in _stages(found, max_stages, gram_bytes):
         ready = []
@@ -492,9 +485,8 @@ def reconstruct_sequential(g: DimGraph, dense: ir.Model, found: list[SequentialT
             continue
         report.passes += 1
         stats: dict[int, _Cross] = {}
-        inputs, outputs = [name for _, name in ready], [s.output for s, _ in ready]
-        pruned_runs = pruned_runner.run(g.model, inputs, progress)
-        dense_runs = dense_runner.run(dense, outputs)
+        pruned_runs = pruned_runner.run(g.model, [name for _, name in ready], progress)
+        dense_runs = dense_runner.run(dense, [s.output for s, _ in ready])
         failed: dict[int, str] = {}
         for inputs, outputs in zip(pruned_runs, dense_runs):
             for i, (s, name) in enumerate(ready):

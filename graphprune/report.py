@@ -13,6 +13,8 @@ from graphprune.analysis.groups import Group
 from graphprune.metrics import value_shapes
 from graphprune.plan import PrunePlan
 
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the layers whose weights carry the MACs
+
 
 def node_macs(node: ir.Node, weight: ir.Value, shape_of: Callable[[str], tuple | None] | None = None) -> float:
     """Multiply-accumulates of a linear node per batch item, from its weight and output shapes.
@@ -87,7 +89,7 @@ def summarise_groups(g: DimGraph, groups: list[Group], plan: PrunePlan | None = 
                        and v.const_value.dtype.is_floating_point())
     shape_of = conv_shapes(g, input_shapes)
     weights = {(use.node, use.index): node_macs(use.node, use.value, shape_of) for use in g.params.values()
-               if use.index == 1 and use.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+               if use.index == 1 and use.node.op_type in LINEAR_OPS}
     total_macs = sum(weights.values()) or 1.0
     decisions = {d.group.root: d for d in plan.decisions} if plan else {}
     allocation = getattr(plan, "allocation", None)

@@ -124,6 +124,21 @@ def fresh_name(graph: ir.Graph, stem: str, start: int) -> str:
     return f"{stem}{start}"
 
 
+def set_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, stem: str,
+                       kind: ir.TypeProtocol | None = None) -> ir.Value:
+    """Feed ``array`` to input ``index`` of ``node`` as a fresh initializer named after ``stem``, for this
+    reader only (the old value may feed other nodes); ``kind``: its type (default: the array's)."""
+    name = fresh_name(graph, stem, len(graph.initializers))
+    array = np.ascontiguousarray(array)
+    kind = kind or ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=kind, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+    return value
+
+
 def _new_initializer(graph: ir.Graph, like: ir.Value, tensor: ir.TensorProtocol) -> ir.Value:
     value = ir.Value(name=tensor.name, shape=ir.Shape(tensor.shape), type=like.type, const_value=tensor)
     graph.register_initializer(value)

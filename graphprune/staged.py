@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphprune.calibration import _run_with_outputs, _split, shared_static_extent
+from graphprune.calibration import _run_with_outputs, _split, declared_fixed_batch
 from graphprune.errors import GraphpruneError
 from graphprune.runtime import make_session, run_session
 
@@ -58,7 +58,9 @@ class StagedRunner:
                for node in graph.node for a in node.attribute):
             return None
         if self.chunks is None:
-            self.chunks = self._chunks(graph)
+            self.chunks = [chunk for feeds in self.batches for chunk in _split(feeds, declared_fixed_batch(model))]
+            if not self.chunks:
+                raise GraphpruneError("the calibration data holds no samples.")
         producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
         constants = {t.name for t in graph.initializer}
         fed = {v.name for v in graph.input} - constants
@@ -96,18 +98,6 @@ class StagedRunner:
         """Apply ``change`` to a cached value (the caller changed the weights that produce it)."""
         if name in self.cache:
             self.cache[name] = [change(a) for a in self.cache[name]]
-
-    def _chunks(self, graph: onnx.GraphProto) -> list[dict[str, np.ndarray]]:
-        leading = []
-        for value in graph.input:
-            dims = value.type.tensor_type.shape.dim
-            if dims:
-                leading.append(dims[0].dim_value if dims[0].HasField("dim_value") else None)
-        fixed = shared_static_extent(leading) if leading else None
-        chunks = [chunk for feeds in self.batches for chunk in _split(feeds, fixed)]
-        if not chunks:
-            raise GraphpruneError("the calibration data holds no samples.")
-        return chunks
 
     def _run_segment(self, proto: onnx.ModelProto, segment: set[int], outputs: list[str],
                      progress: Callable[[int], None] | None) -> list[dict[str, np.ndarray]]:

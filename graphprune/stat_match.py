@@ -20,8 +20,9 @@ where ``mode`` chooses s and c:
 Nodes are corrected in topological order, a stage at a time (a stage holds nodes none of which reads
 another's output), each on the pruned model as already corrected upstream. Each stage runs only the
 nodes between the last stage's outputs and its own, fed from a cache (staged.py), so all stages together
-cost about one run of each model over the calibration set. Only nodes downstream of a removal are touched. Grouped and depthwise
-convolutions are included (their output channels are still axis 0 of the weight). A MatMul is
+cost about one run of each model over the calibration set. Only nodes downstream of a removal are
+touched. Grouped and depthwise convolutions are included (their output channels are still axis 0 of the
+weight). A MatMul is
 corrected where one Add of a constant per-channel bias reads it (a PyTorch Linear), matched on that
 Add's output; other MatMuls have no bias to shift and are left alone.
 """
@@ -38,7 +39,8 @@ from graphprune.analysis.graph import DimGraph
 from graphprune.analysis.rules.base import attr
 from graphprune.errors import GraphpruneError
 from graphprune.reconstruct import _depends
-from graphprune.rewrite import fresh_name
+from graphprune.report import LINEAR_OPS
+from graphprune.rewrite import set_constant_input
 from graphprune.staged import CACHE_BYTES, StagedRunner
 
 MODES = ("mean", "moments", "regression")
@@ -142,9 +144,6 @@ def _matmul_bias(g: DimGraph, node: ir.Node) -> tuple[ir.Node, int] | str:
     return "MatMul without a constant bias Add after it"
 
 
-LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
 def _heads(graph: ir.Graph) -> set[ir.Node]:
     """The layers that reach a graph output through no other layer (a classifier, a detection head).
 
@@ -159,7 +158,7 @@ def _heads(graph: ir.Graph) -> set[ir.Node]:
         if node in seen:
             continue
         seen.add(node)
-        if node.op_type in LAYERS:
+        if node.op_type in LINEAR_OPS:
             heads.add(node)
             continue
         stack.extend(v.producer() for v in node.inputs if v is not None and v.producer() is not None)
@@ -317,12 +316,4 @@ def _write(g: DimGraph, t: MatchTarget, s: np.ndarray, c: np.ndarray) -> str:
 
 
 def _set_input(g: DimGraph, node: ir.Node, index: int, array: np.ndarray, tag: str) -> None:
-    """A fresh initializer for this reader only (the old one may feed other nodes)."""
-    name = fresh_name(g.graph, f"{node.name}__{tag}", len(g.graph.initializers))
-    array = np.ascontiguousarray(array)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    g.graph.register_initializer(value)
-    if index >= len(node.inputs):
-        node.resize_inputs(index + 1)
-    node.replace_input_with(index, value)
+    set_constant_input(g.graph, node, index, array, f"{node.name}__{tag}")

@@ -298,16 +298,20 @@ def render_lines(texts: Sequence[str], seed: int, font_offset: int = 0) -> tuple
     return tuple(images)
 
 
-def _ocr_batch(images: Sequence[np.ndarray]) -> np.ndarray:
-    """PP-OCR's rec preprocessing: height 48 keeping the aspect ratio, [-1, 1], zero padding on the right."""
+def _ocr_batch(images: Sequence[np.ndarray], width: int = 320, squeeze: bool = False) -> np.ndarray:
+    """PP-OCR's preprocessing: height 48 keeping the aspect ratio, [-1, 1], zero padding on the right to at
+    least ``width`` (the recogniser's 320); ``squeeze``: lines wider than ``width`` are squeezed to it, as
+    PP-OCR's direction classifier does (192)."""
     from PIL import Image
 
     widths = [int(np.ceil(OCR_HEIGHT * img.shape[1] / img.shape[0])) for img in images]
-    batch = np.zeros((len(images), 3, OCR_HEIGHT, max(320, max(widths))), dtype=np.float32)
-    for row, (img, width) in enumerate(zip(images, widths)):
-        resized = np.asarray(Image.fromarray(img).resize((width, OCR_HEIGHT), Image.BILINEAR), np.float32)
+    if squeeze:
+        widths = [min(width, w) for w in widths]
+    batch = np.zeros((len(images), 3, OCR_HEIGHT, max(width, max(widths))), dtype=np.float32)
+    for row, (img, line_width) in enumerate(zip(images, widths)):
+        resized = np.asarray(Image.fromarray(img).resize((line_width, OCR_HEIGHT), Image.BILINEAR), np.float32)
         # PaddleOCR feeds BGR; the lines are gray, so the channel order does not matter here.
-        batch[row, :, :, :width] = (resized.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+        batch[row, :, :, :line_width] = (resized.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
     return batch
 
 

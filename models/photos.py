@@ -169,11 +169,6 @@ def _natural() -> tuple[tuple[str, np.ndarray], ...]:
     return tuple(photos)
 
 
-def load_natural_photos() -> dict[str, np.ndarray]:
-    """The natural photos as HxWx3 uint8 arrays, keyed by name, sorted; empty until fetched."""
-    return {name: img.copy() for name, img in _natural()}
-
-
 @lru_cache(maxsize=4)
 def _natural_batch(height: int, width: int, views: tuple[str, ...]) -> np.ndarray:
     return _crops(_natural(), height, width, views)

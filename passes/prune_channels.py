@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import onnx
 import onnx_ir as ir
 
 from graphprune.analysis import build_dim_graph
@@ -35,7 +36,7 @@ from graphprune.report import GroupSummary, summarise_groups
 from graphprune.rewrite import apply_removal, cleanup, interface_changes
 from graphprune.sensitivity import measure_sensitivity
 from graphprune.staged import CACHE_BYTES
-from graphprune.stat_match import MatchReport, MatchTarget, check_mode, match_statistics, match_targets
+from graphprune.stat_match import MatchReport, check_mode, match_statistics, match_targets
 
 
 @dataclass
@@ -105,21 +106,6 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         if config.criterion in GRAM_CRITERIA:
             self.grams = collect_obs_blocks(model, g, pruned, calibration, progress=progress)
 
-    def matching_targets(self, g: DimGraph) -> list[MatchTarget]:
-        """Before slicing: the layers statistics matching will correct (none when it is off)."""
-        mode = getattr(self.config, "match_stats", "")
-        if not mode or getattr(self.config, "calibration", None) is None or not self.plan.removed:
-            return []
-        self.matching = MatchReport(mode)
-        return match_targets(g, self.plan.removed, self.matching)
-
-    def match(self, g: DimGraph, dense: ir.Model, targets: list[MatchTarget]) -> None:
-        """After slicing: correct ``targets`` (matching_targets) towards ``dense``, the model before."""
-        config = self.config
-        match_statistics(g, dense, targets, self.matching, config.calibration,
-                         cache_bytes=getattr(config, "stage_cache_bytes", CACHE_BYTES),
-                         progress=getattr(config, "progress", None))
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = build_dim_graph(model)
         self.groups = find_groups(g)
@@ -146,13 +132,15 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         self.rewrite(model, g)
         return ir.passes.PassResult(model, modified=bool(self.plan.removed))
 
-    def rewrite(self, model: ir.Model, g, dense: ir.Model | None = None) -> None:
+    def rewrite(self, model: ir.Model, g: DimGraph, dense: onnx.ModelProto | None = None) -> None:
         """Carry out ``self.plan``: reconstruction, bias compensation, slicing, then statistics matching.
         The widths are the plan's; everything but slicing changes weights only. ``dense``: the model as it
-        was before any change, when the caller kept one (else copied here where needed)."""
+        was before any change, when the caller kept a copy (else one is made here, only where needed)."""
         config = self.config
         calibration = getattr(config, "calibration", None)
         compensate = getattr(config, "compensate", False)
+        progress = getattr(config, "progress", None)
+        cache_bytes = getattr(config, "stage_cache_bytes", CACHE_BYTES)
         reconstructed: set = set()
         mode = reconstruct_mode(getattr(config, "reconstruct", False))
         if mode and calibration is None:
@@ -162,14 +150,18 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             check_mode(match_mode)
             if calibration is None:
                 raise GraphpruneError("statistics matching needs calibration data: give --calib as well.")
-        if dense is None and self.plan.removed and (mode == "sequential" or match_mode):
-            dense = ir.from_proto(ir.to_proto(model))  # before compensation and slicing
-        matching = self.matching_targets(g)
+        dense_model = None
+        if self.plan.removed and (mode == "sequential" or match_mode):
+            dense_model = ir.from_proto(dense or ir.to_proto(model))  # before compensation and slicing
+        matching = []
+        if match_mode and self.plan.removed:  # found before slicing, corrected after
+            self.matching = MatchReport(match_mode)
+            matching = match_targets(g, self.plan.removed, self.matching)
         sequential = None
         if mode == "one-shot":
             self.reconstruction, reconstructed = reconstruct_consumers(
                 g, self.plan, calibration, damp=config.reconstruct_damp,
-                max_features=config.reconstruct_max_features, progress=getattr(config, "progress", None))
+                max_features=config.reconstruct_max_features, progress=progress)
         elif mode == "sequential" and self.plan.removed:
             self.reconstruction, sequential = sequential_targets(
                 g, self.plan, max_features=config.reconstruct_max_features)
@@ -178,12 +170,12 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             self.compensation = compensate_bias(g, self.plan, self.stats, skip=reconstructed)
         apply_removal(g, self.plan.removed)
         if sequential is not None:
-            reconstruct_sequential(g, dense, sequential, self.reconstruction, calibration,
+            reconstruct_sequential(g, dense_model, sequential, self.reconstruction, calibration,
                                    damp=config.reconstruct_damp, max_stages=config.reconstruct_stages,
-                                   cache_bytes=getattr(config, "stage_cache_bytes", CACHE_BYTES),
-                                   progress=getattr(config, "progress", None))
+                                   cache_bytes=cache_bytes, progress=progress)
         if matching:
-            self.match(g, dense, matching)
+            match_statistics(g, dense_model, matching, self.matching, calibration, cache_bytes=cache_bytes,
+                             progress=progress)
         if sequential or matching:
             cleanup(model)
 

@@ -36,7 +36,7 @@ from graphprune.models import evaluators as ev
 from graphprune.models import real
 from graphprune.models.imagenet_eval import run_onnx
 
-HEIGHT, WIDTH = 48, 192
+WIDTH = 192  # the classifier's input width; the height is PP-OCR's (evaluators.OCR_HEIGHT, 48)
 # (label, api.optimize options); every calibrated row gets calib=<the .npz>.
 CONFIGS = [
     ("l2 (no data)", {"criterion": "l2"}),
@@ -48,23 +48,12 @@ CONFIGS = [
 ]
 
 
-def cls_batch(images: list[np.ndarray]) -> np.ndarray:
-    from PIL import Image
-
-    batch = np.zeros((len(images), 3, HEIGHT, WIDTH), dtype=np.float32)
-    for row, img in enumerate(images):
-        width = min(WIDTH, int(np.ceil(HEIGHT * img.shape[1] / img.shape[0])))
-        resized = np.asarray(Image.fromarray(img).resize((width, HEIGHT), Image.BILINEAR), np.float32)
-        batch[row, :, :, :width] = (resized.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
-    return batch
-
-
 def lines(count: int, text_seed: int, render_seed: int, font_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """[count, 3, 48, 192] lines, every second one turned by 180 degrees, and the labels (1: turned)."""
     images = list(ev.render_lines(ev.ocr_texts(count, seed=text_seed), seed=render_seed, font_offset=font_offset))
     labels = np.arange(count) % 2
     images = [np.ascontiguousarray(img[::-1, ::-1]) if label else img for img, label in zip(images, labels)]
-    return cls_batch(images), labels
+    return ev._ocr_batch(images, WIDTH, squeeze=True), labels
 
 
 @click.command()
@@ -75,7 +64,7 @@ def main(targets: str, round_to: int, markdown_path: Path | None) -> None:
     dense = real.ppocr_cls_path()
     x_eval, labels = lines(96, 10, 11)
     x_calib, _ = lines(64, 20, 21, font_offset=1)
-    shapes = {"x": (1, 3, HEIGHT, WIDTH)}
+    shapes = {"x": (1, 3, ev.OCR_HEIGHT, WIDTH)}
     dense_pred = run_onnx(dense, x_eval).argmax(1)
     dense_acc = float((dense_pred == labels).mean())
     rows = []
